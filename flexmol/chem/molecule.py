@@ -1,0 +1,80 @@
+"""Parsing and standardisation: every way a molecule can be unacceptable ends in :class:`Rejected`.
+
+Salts and mixtures policy (``featurizer.fragments``):
+- ``largest`` (default): keep the fragment with the most heavy atoms (ties: the first in the
+  input), as Uni-Mol and most pre-training sets do; the record notes ``fragments_stripped`` and
+  the manifest counts them. Counter-ions and solvents thus never enter pre-training.
+- ``reject``: any input with more than one fragment is rejected with the fragment count.
+"""
+from __future__ import annotations
+
+from rdkit import Chem, RDLogger
+
+from flexmol.chem.errors import Rejected
+from flexmol.config import FeaturizerConfig
+
+RDLogger.DisableLog("rdApp.*")  # reasons are captured per molecule; RDKit's own log is noise here
+
+
+def sanitize_or_reject(mol: Chem.Mol, what: str) -> Chem.Mol:
+    try:
+        Chem.SanitizeMol(mol)
+    except Exception as exc:  # RDKit raises its own subclasses (valence, kekulisation, ...)
+        raise Rejected("sanitization", f"{what} fails RDKit sanitisation: {str(exc).strip()}") from None
+    return mol
+
+
+def parse_smiles(smiles: str, cfg: FeaturizerConfig) -> Chem.Mol:
+    smiles = smiles.strip()
+    if not smiles:
+        raise Rejected("empty", "empty SMILES")
+    # A guard before parsing: a string this long cannot be within the size limit, and RDKit's
+    # parser and ring perception are super-linear on pathological inputs.
+    if len(smiles) > 12 * cfg.max_heavy_atoms + 200:
+        raise Rejected("too_large", f"SMILES of {len(smiles)} characters exceeds the size limit", smiles)
+    mol = Chem.MolFromSmiles(smiles, sanitize=False)
+    if mol is None:
+        raise Rejected("invalid_smiles", "SMILES does not parse (syntax error)", smiles)
+    return sanitize_or_reject(mol, "SMILES")
+
+
+def standardize(mol: Chem.Mol, cfg: FeaturizerConfig, smiles: str | None = None) -> tuple[Chem.Mol, bool]:
+    """Fragment policy, element whitelist and size limits. Returns (mol, fragments_stripped)."""
+    stripped = False
+    frags = Chem.GetMolFrags(mol, asMols=False, sanitizeFrags=False)
+    if len(frags) > 1:
+        if cfg.fragments == "reject":
+            raise Rejected("mixture", f"{len(frags)} fragments (salt or mixture) and featurizer.fragments=reject", smiles)
+        heavy = [sum(1 for i in f if mol.GetAtomWithIdx(i).GetAtomicNum() > 1) for f in frags]
+        keep = max(range(len(frags)), key=lambda k: (heavy[k], -k))
+        mol = sanitize_or_reject(Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)[keep], "largest fragment")
+        stripped = True
+    allowed = _allowed_numbers(tuple(cfg.elements))
+    bad = sorted({a.GetSymbol() for a in mol.GetAtoms() if a.GetAtomicNum() not in allowed})
+    if bad:
+        raise Rejected("element", f"unsupported element(s) {', '.join(bad)} (featurizer.elements)", smiles)
+    n_heavy = mol.GetNumHeavyAtoms()
+    if n_heavy > cfg.max_heavy_atoms:
+        raise Rejected("too_large", f"{n_heavy} heavy atoms > featurizer.max_heavy_atoms={cfg.max_heavy_atoms}", smiles)
+    if n_heavy < cfg.min_heavy_atoms:
+        raise Rejected("too_small", f"{n_heavy} heavy atoms < featurizer.min_heavy_atoms={cfg.min_heavy_atoms}", smiles)
+    return mol, stripped
+
+
+_ALLOWED: dict[tuple, frozenset] = {}
+
+
+def _allowed_numbers(symbols: tuple) -> frozenset:
+    if symbols not in _ALLOWED:
+        table = Chem.GetPeriodicTable()
+        _ALLOWED[symbols] = frozenset(table.GetAtomicNumber(s) for s in symbols)
+    return _ALLOWED[symbols]
+
+
+def identity(mol: Chem.Mol) -> tuple[str, str]:
+    """(canonical isomeric SMILES, InChIKey) of ``mol``; an InChI failure is a rejection."""
+    smiles = Chem.MolToSmiles(mol)
+    key = Chem.MolToInchiKey(mol)
+    if not key:
+        raise Rejected("inchi", "InChI could not be computed for this molecule", smiles)
+    return smiles, key

@@ -1,0 +1,171 @@
+"""Typed configuration: OmegaConf structured configs built from dataclasses.
+
+Every tunable is a key here, with its default. A YAML file or a ``key=value`` override that names
+an unknown key, or gives a value of the wrong type, fails at start-up with the key's name
+(:class:`ConfigError`), never half-way through a job.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MODALITIES = ("paired", "2d", "3d")
+
+# Elements the featuriser accepts by default: the organic subset plus the halogens, boron,
+# silicon and selenium that drug-like and QM9 molecules contain. Anything else is rejected with
+# the element named (metals and noble gases have no MMFF parameters and no place in the vocab).
+DEFAULT_ELEMENTS = ["H", "B", "C", "N", "O", "F", "Si", "P", "S", "Cl", "Se", "Br", "I"]
+
+
+class ConfigError(ValueError):
+    """A configuration value was rejected; the message names the key and the reason."""
+
+
+@dataclass
+class FeaturizerConfig:
+    """How a molecule becomes a record. Its hash is stored in every dataset's manifest."""
+
+    # Atoms: heavy atoms only (the paper's default) or explicit hydrogens as nodes.
+    explicit_hydrogens: bool = False
+    elements: List[str] = field(default_factory=lambda: list(DEFAULT_ELEMENTS))
+    min_heavy_atoms: int = 1
+    max_heavy_atoms: int = 128
+    # Salts and mixtures: "largest" keeps the largest organic fragment (counted in the manifest
+    # as fragments_stripped); "reject" rejects any multi-fragment input.
+    fragments: str = "largest"
+    # 3D: ETKDGv3 conformers, then MMFF94 optimisation.
+    num_conformers: int = 1
+    seed: int = 0
+    embed_timeout_s: float = 10.0  # RDKit's own per-fragment limit (soft: the molecule is rejected)
+    embed_max_attempts: int = 2  # the second attempt starts from random coordinates
+    mmff: bool = True
+    mmff_max_iters: int = 500
+    # A molecule that keeps a worker busy longer than this kills the worker (hard limit: RDKit can
+    # hang in C++ where no Python exception reaches it); the job retries and then rejects it.
+    hard_timeout_s: float = 120.0
+    # 3D taken from the input (SDF with 3D coordinates, QM9 DFT geometries) instead of generated.
+    use_input_geometry: bool = True
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of this config; identifies a featurisation."""
+        payload = json.dumps(OmegaConf.to_container(OmegaConf.structured(self)), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class SourceOptions:
+    """How to read a source file; named sets fill these themselves."""
+
+    smiles_column: Optional[str] = None  # CSV: auto-detected ("smiles", "SMILES", ...) when unset
+    id_column: Optional[str] = None
+    label_columns: List[str] = field(default_factory=list)
+    delimiter: Optional[str] = None  # CSV: sniffed from the file name (.tsv -> tab) when unset
+
+
+@dataclass
+class JobConfig:
+    """How the work is split and run; part of the dataset's identity (shard boundaries)."""
+
+    shard_size: int = 0  # molecules per shard; 0 picks 1000 for 3D/paired and 20000 for 2D
+    executor: str = "ray"  # "ray" (local ray.init() or RAY_ADDRESS) or "serial" (in-process)
+    num_cpus: Optional[int] = None  # local Ray: cores to use (all when unset)
+    task_retries: int = 2  # a shard task that fails for a reason other than a molecule
+    crash_retries_per_molecule: int = 1  # a molecule that kills its worker this often is rejected
+    progress: bool = True
+
+
+@dataclass
+class FeaturizeConfig:
+    source: str = ""
+    modality: str = "paired"
+    out: str = ""
+    limit: Optional[int] = None
+    data_dir: Optional[str] = None  # cache of downloaded dataset wheels; FLEXMOL_DATA_DIR or ~/.cache/flexmol
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    featurizer: FeaturizerConfig = field(default_factory=FeaturizerConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+def _fail(key: str, why: str) -> None:
+    raise ConfigError(f"config key '{key}': {why}")
+
+
+def validate_featurizer(cfg: FeaturizerConfig, prefix: str = "featurizer") -> None:
+    from rdkit import Chem
+
+    table = Chem.GetPeriodicTable()
+    for symbol in cfg.elements:
+        try:
+            ok = table.GetAtomicNumber(symbol) > 0
+        except RuntimeError:
+            ok = False
+        if not ok:
+            _fail(f"{prefix}.elements", f"'{symbol}' is not an element symbol")
+    if cfg.min_heavy_atoms < 1:
+        _fail(f"{prefix}.min_heavy_atoms", "must be at least 1")
+    if cfg.max_heavy_atoms < cfg.min_heavy_atoms:
+        _fail(f"{prefix}.max_heavy_atoms", "must be at least min_heavy_atoms")
+    if cfg.fragments not in ("largest", "reject"):
+        _fail(f"{prefix}.fragments", f"'{cfg.fragments}' is not one of largest, reject")
+    if cfg.num_conformers < 1:
+        _fail(f"{prefix}.num_conformers", "must be at least 1")
+    if cfg.embed_timeout_s < 0 or cfg.hard_timeout_s <= 0:
+        _fail(f"{prefix}.hard_timeout_s", "time limits must be positive")
+    if cfg.embed_max_attempts < 1:
+        _fail(f"{prefix}.embed_max_attempts", "must be at least 1")
+
+
+def validate_featurize(cfg: FeaturizeConfig) -> None:
+    if not cfg.source:
+        _fail("source", "is required (a file path or a named set)")
+    if not cfg.out:
+        _fail("out", "is required (the dataset directory)")
+    if cfg.modality not in MODALITIES:
+        _fail("modality", f"'{cfg.modality}' is not one of {', '.join(MODALITIES)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        _fail("limit", "must be a positive number of molecules")
+    if cfg.job.executor not in ("ray", "serial"):
+        _fail("job.executor", f"'{cfg.job.executor}' is not one of ray, serial")
+    if cfg.job.shard_size < 0:
+        _fail("job.shard_size", "must be positive (or 0 for the default)")
+    if cfg.job.crash_retries_per_molecule < 0 or cfg.job.task_retries < 0:
+        _fail("job.task_retries", "retries cannot be negative")
+    validate_featurizer(cfg.featurizer)
+
+
+def build(schema: type, *sources: Any, overrides: Optional[List[str]] = None) -> Any:
+    """Merge YAML files / dicts / ``key=value`` overrides onto ``schema``'s defaults.
+
+    Returns a plain dataclass instance. Unknown keys and wrong types raise :class:`ConfigError`.
+    """
+    merged: DictConfig = OmegaConf.structured(schema)
+    try:
+        for src in sources:
+            if src is None:
+                continue
+            if isinstance(src, (str, Path)):
+                path = Path(src)
+                if not path.is_file():
+                    raise ConfigError(f"config file not found: {path}")
+                src = OmegaConf.load(path)
+            merged = OmegaConf.merge(merged, src)
+        if overrides:
+            for item in overrides:
+                if "=" not in item:
+                    raise ConfigError(f"override '{item}' is not of the form key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -1,0 +1,112 @@
+"""The sample schema: one molecule as a msgpack record. No pickle, ever.
+
+Schema version 1, one record per molecule:
+
+| field | type | present for | meaning |
+|---|---|---|---|
+| ``v`` | int | all | schema version |
+| ``index`` | int | all | 0-based position of the molecule in its source |
+| ``id`` | str | all | the source's identifier (or the index) |
+| ``smiles`` | str | all | canonical isomeric SMILES (RDKit) of the featurised molecule |
+| ``inchikey`` | str | all | InChIKey; the dataset has no two records with the same one |
+| ``modality`` | str | all | ``paired``, ``2d`` or ``3d`` |
+| ``z`` | uint8 [n] | all | atomic numbers of the n nodes |
+| ``atom_feat`` | uint8 [n, 9] | paired, 2d | categorical atom features, :mod:`flexmol.chem.vocab` |
+| ``bond_index`` | uint16 [E, 2] | paired, 2d | atom pairs of the bonds, each bond once, begin < end |
+| ``bond_feat`` | uint8 [E, 3] | paired, 2d | categorical bond features |
+| ``pos`` | float32 [K, n, 3] | paired, 3d | K conformers, Å |
+| ``conf_method`` | str | paired, 3d | ``etkdg+mmff``, ``etkdg`` or ``input`` (geometry given by the source) |
+| ``energy`` | float32 [K] | optional | MMFF94 energy of each conformer, kcal/mol |
+| ``labels`` | map str -> number/None | optional | the source's label columns |
+| ``fragments_stripped`` | bool | optional | the input was a salt/mixture; the largest fragment was kept |
+
+Arrays are msgpack extension type 1: ``[dtype, shape, raw bytes]`` with dtype from a fixed list.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+SAMPLE_EXTENSION = "msgpack"  # the WebDataset member name: "<key>.msgpack"
+_ND_EXT = 1
+_DTYPES = {np.dtype(t).str: np.dtype(t) for t in
+           ("u1", "i1", "u2", "i2", "u4", "i4", "i8", "f2", "f4", "f8", "?")}
+
+REQUIRED = {
+    "paired": ("z", "atom_feat", "bond_index", "bond_feat", "pos"),
+    "2d": ("z", "atom_feat", "bond_index", "bond_feat"),
+    "3d": ("z", "pos"),
+}
+
+
+class SchemaError(ValueError):
+    """A record that does not follow the schema (corrupt or foreign data)."""
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        dt = obj.dtype.str
+        if dt not in _DTYPES:
+            raise TypeError(f"array dtype {obj.dtype} is not allowed in records")
+        return msgpack.ExtType(_ND_EXT, msgpack.packb([dt, list(obj.shape), np.ascontiguousarray(obj).tobytes()]))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode {type(obj).__name__} in a record")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != _ND_EXT:
+        raise SchemaError(f"unknown msgpack extension type {code}")
+    dt, shape, raw = msgpack.unpackb(data)
+    if dt not in _DTYPES:
+        raise SchemaError(f"array dtype {dt!r} is not allowed in records")
+    arr = np.frombuffer(raw, dtype=_DTYPES[dt])
+    count = int(np.prod(shape)) if shape else 1
+    if arr.size != count:
+        raise SchemaError(f"array of shape {shape} has {arr.size} values")
+    return arr.reshape(shape)
+
+
+def encode(record: dict) -> bytes:
+    return msgpack.packb(record, default=_default, use_bin_type=True)
+
+
+def decode(data: bytes) -> dict:
+    """Bytes -> record. Arrays come back as read-only views of ``data`` (no copy)."""
+    try:
+        rec = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=True)
+    except SchemaError:
+        raise
+    except Exception as exc:
+        raise SchemaError(f"not a msgpack record: {exc}") from None
+    if not isinstance(rec, dict):
+        raise SchemaError("a record must be a map")
+    return rec
+
+
+def validate(rec: dict) -> None:
+    """Raise :class:`SchemaError` unless ``rec`` is a well-formed version-1 record."""
+    if rec.get("v") != SCHEMA_VERSION:
+        raise SchemaError(f"schema version {rec.get('v')!r}, expected {SCHEMA_VERSION}")
+    modality = rec.get("modality")
+    if modality not in REQUIRED:
+        raise SchemaError(f"unknown modality {modality!r}")
+    missing = [k for k in ("index", "id", "smiles", "inchikey") + REQUIRED[modality] if k not in rec]
+    if missing:
+        raise SchemaError(f"{modality} record lacks {', '.join(missing)}")
+    n = len(rec["z"])
+    if "atom_feat" in rec:
+        if rec["atom_feat"].shape != (n, 9):
+            raise SchemaError(f"atom_feat shape {rec['atom_feat'].shape} for {n} atoms")
+        bi = rec["bond_index"]
+        if bi.ndim != 2 or bi.shape[1] != 2 or rec["bond_feat"].shape != (len(bi), 3):
+            raise SchemaError("bond_index / bond_feat shapes disagree")
+        if len(bi) and int(bi.max()) >= n:
+            raise SchemaError("bond_index refers to an atom that does not exist")
+    if "pos" in rec:
+        pos = rec["pos"]
+        if pos.ndim != 3 or pos.shape[1:] != (n, 3) or pos.shape[0] < 1:
+            raise SchemaError(f"pos shape {pos.shape} for {n} atoms")

@@ -1,0 +1,202 @@
+"""Dataset directories of WebDataset shards: writing, reading, and checking them.
+
+A dataset directory holds
+
+- ``shard-NNNNNN.tar``: WebDataset tars, one member ``<key>.msgpack`` per molecule
+  (:mod:`flexmol.data.schema`); keys are ``m`` + the input index, without dots;
+- ``manifest.json``: schema version, featuriser config and hash, per-shard sample count, bytes and
+  sha256, totals per modality, and ``counts`` {input, written, rejected};
+- ``rejects.jsonl``: one JSON object per rejected input: index, id, smiles (when known), code,
+  reason;
+- ``plan.json`` and ``parts/``: the job's own bookkeeping (what was asked; one summary per finished
+  shard), which lets a rerun resume and refuse a directory built differently.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import webdataset as wds
+
+from flexmol.data import schema
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+FORMAT = "flexmol-shards"
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"m{index:09d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_shard(path: Path, records: Iterable[dict]) -> tuple[int, int, str]:
+    """Write records to ``path`` through a temporary file and an atomic rename, so a killed writer
+    never leaves a partial shard under the final name. Returns (samples, bytes, sha256)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    count = 0
+    with open(tmp, "wb") as raw:
+        with wds.TarWriter(raw) as sink:
+            for rec in records:
+                sink.write({"__key__": sample_key(rec["index"]), schema.SAMPLE_EXTENSION: schema.encode(rec)})
+                count += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    size = tmp.stat().st_size
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    return count, size, digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_shard(path: Path, validate: bool = False) -> Iterator[dict]:
+    """Records of one shard, in order. Uses the tar stream directly (no WebDataset pipeline), for
+    tools and tests; training reads through :func:`flexmol.data.loader.record_pipeline`."""
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if ext != schema.SAMPLE_EXTENSION:
+                raise schema.SchemaError(f"{path.name}: unexpected member {member.name}")
+            rec = schema.decode(tar.extractfile(member).read())
+            if validate:
+                schema.validate(rec)
+                if key != sample_key(rec["index"]):
+                    raise schema.SchemaError(f"{path.name}: key {key} does not match index {rec['index']}")
+            yield rec
+
+
+def load_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {MANIFEST} (not a dataset directory, or its job has not finished)")
+    return json.loads(path.read_text())
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    """The dataset's shards in order, as the manifest lists them."""
+    m = load_manifest(directory)
+    return [Path(directory) / s["name"] for s in m["shards"]]
+
+
+@dataclass
+class InspectReport:
+    directory: Path
+    manifest: Optional[dict] = None
+    problems: list[str] = field(default_factory=list)
+    records_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        lines = [f"dataset {self.directory}"]
+        m = self.manifest
+        if m:
+            c = m.get("counts", {})
+            t = m.get("totals", {})
+            lines += [
+                f"  modality {m.get('modality')}, schema v{m.get('schema_version')}, featuriser {str(m.get('featurizer_hash'))[:12]}",
+                f"  source {m.get('source', {}).get('name')}, {len(m.get('shards', []))} shards",
+                f"  counts: input {c.get('input')}, written {c.get('written')}, rejected {c.get('rejected')}",
+                f"  totals: {t.get('atoms')} atoms, {t.get('conformers')} conformers, "
+                f"{t.get('fragments_stripped')} salts/mixtures reduced to their largest fragment",
+            ]
+            reasons = m.get("rejects_by_reason") or {}
+            if reasons:
+                lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
+        if self.records_checked:
+            lines.append(f"  {self.records_checked} records decoded and validated")
+        lines.append("  OK" if self.ok else f"  {len(self.problems)} problem(s):")
+        lines += [f"    - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def inspect(directory: Path, decode: bool = True) -> InspectReport:
+    """Check a dataset directory: every shard present with its size and sha256, every record
+    decodable and valid (unless ``decode`` is False), sample counts and the input/written/rejected
+    reconciliation. Problems are collected, not raised."""
+    directory = Path(directory)
+    report = InspectReport(directory)
+    try:
+        m = load_manifest(directory)
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        report.problems.append(str(exc))
+        return report
+    report.manifest = m
+    if m.get("format") != FORMAT or m.get("schema_version") != schema.SCHEMA_VERSION:
+        report.problems.append(f"format {m.get('format')!r} v{m.get('schema_version')!r} is not {FORMAT} v{schema.SCHEMA_VERSION}")
+        return report
+    written = 0
+    for s in m["shards"]:
+        path = directory / s["name"]
+        if not path.is_file():
+            report.problems.append(f"{s['name']}: missing")
+            continue
+        size = path.stat().st_size
+        if size != s["bytes"]:
+            report.problems.append(f"{s['name']}: {size} bytes, manifest says {s['bytes']} (truncated or altered)")
+            continue
+        if _sha256(path) != s["sha256"]:
+            report.problems.append(f"{s['name']}: sha256 differs from the manifest (corrupted)")
+            continue
+        written += s["samples"]
+        if decode:
+            try:
+                n = sum(1 for _ in read_shard(path, validate=True))
+            except (tarfile.TarError, schema.SchemaError, EOFError, OSError) as exc:
+                report.problems.append(f"{s['name']}: unreadable: {exc}")
+                continue
+            report.records_checked += n
+            if n != s["samples"]:
+                report.problems.append(f"{s['name']}: {n} records, manifest says {s['samples']}")
+    c = m.get("counts", {})
+    if c.get("input") != c.get("written", 0) + c.get("rejected", 0):
+        report.problems.append(f"counts do not reconcile: input {c.get('input')} != written {c.get('written')} + rejected {c.get('rejected')}")
+    if sum(s["samples"] for s in m["shards"]) != c.get("written"):
+        report.problems.append("shard sample counts do not add up to counts.written")
+    rej_path = directory / REJECTS
+    if not rej_path.is_file():
+        report.problems.append(f"{REJECTS} missing")
+    else:
+        try:
+            rejects = [json.loads(line) for line in rej_path.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            report.problems.append(f"{REJECTS}: not JSON lines ({exc})")
+        else:
+            if len(rejects) != c.get("rejected"):
+                report.problems.append(f"{REJECTS} has {len(rejects)} entries, counts.rejected is {c.get('rejected')}")
+            if any("reason" not in r for r in rejects):
+                report.problems.append(f"{REJECTS}: entries without a reason")
+    return report
+
+
+def encode_rejects(rejects: list[dict]) -> str:
+    buf = io.StringIO()
+    for r in rejects:
+        buf.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return buf.getvalue()

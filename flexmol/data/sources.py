@@ -1,0 +1,322 @@
+"""Sources of molecules: files (SMILES, CSV/TSV, SDF, XYZ) and the named offline sets.
+
+A source yields :class:`~flexmol.chem.featurizer.RawInput` items in a fixed order, doing no
+chemistry (parsing happens in the featurisation tasks, in parallel). A record the reader itself
+cannot split out (a CSV row with the wrong number of fields, an XYZ frame with a bad count line)
+is still yielded, carrying ``error``, so that it is rejected with its reason and counted.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from flexmol.chem.featurizer import RawInput
+from flexmol.config import SourceOptions
+from flexmol.data import registry
+
+SMILES_COLUMN_NAMES = ("smiles", "canonical_smiles", "smiles_string", "mol", "molecule")
+
+# MoleculeNet files as named in MoleculeNet's own distribution (and in ../shared/data/moleculenet).
+MOLECULENET_FILES = {
+    "bbbp": "BBBP.csv", "clintox": "clintox.csv", "sider": "sider.csv", "tox21": "tox21.csv",
+    "hiv": "HIV.csv.gz", "esol": "delaney.csv", "delaney": "delaney.csv", "freesolv": "freesolv.csv",
+    "lipo": "lipo.csv", "lipophilicity": "lipo.csv", "qm8": "qm8.csv.gz",
+}
+QM9_TARGETS = {  # label name -> qm9pack column
+    "mu": "Dipole_debye", "alpha": "Polarizability_bohr3", "homo": "HOMO_au", "lumo": "LUMO_au",
+    "gap": "HOMO_LUMO_gap_au", "r2": "R2_bohr2", "zpve": "ZPVE_au", "u0": "InternalEnergy_0K_au",
+    "u298": "InternalEnergy_298K_au", "h298": "Enthalphy_298K_au", "g298": "GibbsFreeEnergy_298K_au",
+    "cv": "Heatcapacity_Cv_cal_mol_K",
+}
+NAMED = ("moses", "qm9", "b3db") + tuple(f"moleculenet:{k}" for k in MOLECULENET_FILES)
+
+
+class SourceError(ValueError):
+    """The source as a whole cannot be read (missing file, no SMILES column, unknown name)."""
+
+
+class Source:
+    """An ordered, re-iterable collection of inputs."""
+
+    def __init__(self, name: str, kind: str, iterate: Callable[[], Iterator[RawInput]], fingerprint: dict):
+        self.name = name
+        self.kind = kind  # the RawInput kind it yields
+        self._iterate = iterate
+        self.fingerprint = fingerprint  # identifies the source's content, for resume checks
+
+    def __iter__(self) -> Iterator[RawInput]:
+        return self._iterate()
+
+    def has_graph(self) -> bool:
+        return self.kind != "xyz"
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _file_fingerprint(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _number(value: str) -> Any:
+    v = value.strip()
+    if v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+# ----------------------------------------------------------------------------------------- files
+
+def smiles_file(path: Path) -> Source:
+    """One molecule per line: ``SMILES [id ...]``; ``#`` comments and a ``smiles`` header skipped."""
+
+    def iterate() -> Iterator[RawInput]:
+        index = 0
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split(None, 1)
+                if parts and (parts[0].startswith("#") or (lineno == 1 and parts[0].lower() == "smiles")):
+                    continue
+                smiles = parts[0] if parts else ""
+                ident = parts[1].strip() if len(parts) > 1 and parts[1].strip() else f"line{lineno}"
+                yield RawInput(index, ident, "smiles", smiles)
+                index += 1
+
+    return Source(path.name, "smiles", iterate, _file_fingerprint(path))
+
+
+def _pick_smiles_column(header: list[str], wanted: Optional[str], where: str) -> int:
+    if wanted:
+        if wanted not in header:
+            raise SourceError(f"{where}: no column {wanted!r}; columns are {header}")
+        return header.index(wanted)
+    lowered = [h.strip().lower() for h in header]
+    for name in SMILES_COLUMN_NAMES:
+        if name in lowered:
+            return lowered.index(name)
+    raise SourceError(f"{where}: no SMILES column found among {header}; name it with smiles_column")
+
+
+def delimited_file(path: Path, opts: SourceOptions, *, id_prefix: str = "", label_map: Optional[Callable] = None,
+                   fingerprint: Optional[dict] = None) -> Source:
+    """CSV/TSV with a header row: a SMILES column, an optional id column, optional label columns."""
+    delimiter = opts.delimiter or ("\t" if ".tsv" in path.suffixes else ",")
+    with _open_text(path) as f:
+        header = next(csv.reader(f, delimiter=delimiter), None)
+    if not header:
+        raise SourceError(f"{path}: empty file, no header row")
+    s_col = _pick_smiles_column(header, opts.smiles_column, str(path))
+    id_col = header.index(opts.id_column) if opts.id_column else None
+    if opts.id_column and opts.id_column not in header:
+        raise SourceError(f"{path}: no id column {opts.id_column!r}")
+    missing = [c for c in opts.label_columns if c not in header]
+    if missing:
+        raise SourceError(f"{path}: label column(s) {missing} not in {header}")
+    label_cols = [(c, header.index(c)) for c in opts.label_columns]
+
+    def iterate() -> Iterator[RawInput]:
+        with _open_text(path) as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            next(reader)
+            for index, row in enumerate(reader):
+                rowno = reader.line_num
+                ident = id_prefix + (row[id_col] if id_col is not None and id_col < len(row) else f"row{rowno}")
+                if len(row) != len(header):
+                    text = row[s_col] if s_col < len(row) else ""
+                    yield _malformed(index, ident, "smiles", text,
+                                     f"row {rowno} has {len(row)} fields, the header has {len(header)}")
+                    continue
+                labels = label_map(header, row) if label_map else {c: _number(row[i]) for c, i in label_cols}
+                yield RawInput(index, ident, "smiles", row[s_col].strip(), labels)
+
+    fp = fingerprint or _file_fingerprint(path)
+    return Source(path.name, "smiles", iterate, {**fp, "options": asdict(opts)})
+
+
+def _malformed(index: int, ident: str, kind: str, text: str, why: str) -> RawInput:
+    return RawInput(index, ident, kind, text, error=why)
+
+
+_SDF_PROP = re.compile(r"^>\s*<([^>]+)>")
+
+
+def sdf_file(path: Path, opts: SourceOptions) -> Source:
+    """Records separated by ``$$$$``; the molfile block is parsed by the featuriser (3D kept)."""
+
+    def iterate() -> Iterator[RawInput]:
+        index = 0
+        block: list[str] = []
+        with _open_text(path) as f:
+            for line in f:
+                if line.startswith("$$$$"):
+                    yield _sdf_record(index, block, opts)
+                    index += 1
+                    block = []
+                else:
+                    block.append(line)
+        if any(ln.strip() for ln in block):  # a last record without its terminator
+            yield _sdf_record(index, block, opts)
+
+    return Source(path.name, "molblock", iterate, {**_file_fingerprint(path), "options": asdict(opts)})
+
+
+def _sdf_record(index: int, lines: list[str], opts: SourceOptions) -> RawInput:
+    title = lines[0].strip() if lines else ""
+    props: dict[str, Any] = {}
+    for i, ln in enumerate(lines):
+        m = _SDF_PROP.match(ln)
+        if m and i + 1 < len(lines):
+            props[m.group(1)] = lines[i + 1].strip()
+    ident = props.get(opts.id_column, "") if opts.id_column else title
+    labels = {c: _number(props.get(c, "")) for c in opts.label_columns}
+    return RawInput(index, ident or f"record{index + 1}", "molblock", "".join(lines), labels)
+
+
+def xyz_file(path: Path) -> Source:
+    """Concatenated XYZ frames. A frame with an unreadable count line is rejected and the reader
+    resynchronises at the next line that holds a single integer."""
+
+    def iterate() -> Iterator[RawInput]:
+        with _open_text(path) as f:
+            lines = f.read().splitlines()
+        i, index = 0, 0
+        while i < len(lines):
+            if not lines[i].strip():
+                i += 1
+                continue
+            head = lines[i].split()
+            if len(head) != 1 or not head[0].isdigit():
+                start = i
+                i += 1
+                while i < len(lines) and not (len(lines[i].split()) == 1 and lines[i].strip().isdigit()):
+                    i += 1
+                yield _malformed(index, f"line{start + 1}", "xyz", "", f"line {start + 1}: expected an atom count, got {lines[start][:40]!r}")
+            else:
+                n = int(head[0])
+                block = lines[i : i + n + 2]
+                comment = block[1].strip() if len(block) > 1 else ""
+                yield RawInput(index, comment.split()[0] if comment else f"frame{index + 1}", "xyz", "\n".join(block))
+                i += n + 2
+            index += 1
+
+    return Source(path.name, "xyz", iterate, _file_fingerprint(path))
+
+
+# ------------------------------------------------------------------------------------ named sets
+
+def moses(data_dir: Path) -> Source:
+    splits = ("train", "test", "test_scaffolds")
+    paths = [registry.wheel_member("molsets", f"moses/dataset/data/{s}.csv.gz", data_dir) for s in splits]
+
+    def iterate() -> Iterator[RawInput]:
+        index = 0
+        for split, path in zip(splits, paths):
+            with _open_text(path) as f:
+                header = f.readline().strip().split(",")
+                col = [h.lower() for h in header].index("smiles")
+                for rowno, line in enumerate(f):
+                    smiles = line.rstrip("\r\n").split(",")[col]
+                    yield RawInput(index, f"moses-{split}-{rowno}", "smiles", smiles)
+                    index += 1
+
+    return Source("moses", "smiles", iterate, {"named": "moses", "wheel": registry.WHEELS["molsets"].sha256})
+
+
+def qm9(data_dir: Path) -> Source:
+    paths = [registry.wheel_member("qm9pack", f"qm9pack/data/qm9_part{i}.csv", data_dir) for i in (1, 2, 3)]
+
+    def iterate() -> Iterator[RawInput]:
+        index = 0
+        for path in paths:
+            with _open_text(path) as f:
+                reader = csv.DictReader(f)
+                for row in reader:
+                    labels = {k: _number(row.get(col) or "") for k, col in QM9_TARGETS.items()}
+                    ident = (row.get("XYZ_file") or f"qm9-{index}").removesuffix(".xyz")
+                    geometry = {"elements": row.get("Elements", ""), "coords": row.get("XYZ_Ang", "")}
+                    yield RawInput(index, ident, "smiles+geometry", row.get("SMILES", ""), labels, geometry)
+                    index += 1
+
+    return Source("qm9", "smiles+geometry", iterate, {"named": "qm9", "wheel": registry.WHEELS["qm9pack"].sha256})
+
+
+def b3db(data_dir: Path) -> Source:
+    path = registry.wheel_member("qc-b3db", "B3DB/B3DB_classification.tsv", data_dir)
+
+    def labels(header: list[str], row: list[str]) -> dict:
+        r = dict(zip(header, row))
+        cls = r.get("BBB+/BBB-", "").strip()
+        return {"bbb": 1.0 if cls == "BBB+" else 0.0 if cls == "BBB-" else None, "logbb": _number(r.get("logBB", ""))}
+
+    opts = SourceOptions(smiles_column="SMILES", id_column="NO.", delimiter="\t")
+    src = delimited_file(path, opts, id_prefix="b3db-", label_map=labels,
+                         fingerprint={"named": "b3db", "wheel": registry.WHEELS["qc-b3db"].sha256})
+    src.name = "b3db"
+    return src
+
+
+def moleculenet_dir() -> Optional[Path]:
+    env = os.environ.get("FLEXMOL_MOLECULENET_DIR")
+    return Path(env) if env else None
+
+
+def moleculenet(name: str, folder: Optional[Path]) -> Source:
+    key = name.lower()
+    if key not in MOLECULENET_FILES:
+        raise SourceError(f"unknown MoleculeNet set {name!r}; known: {', '.join(sorted(MOLECULENET_FILES))}")
+    folder = folder or moleculenet_dir()
+    if folder is None:
+        raise SourceError("MoleculeNet sets are read from a local folder: set FLEXMOL_MOLECULENET_DIR "
+                          "(e.g. to a checkout's ../shared/data/moleculenet)")
+    path = Path(folder) / MOLECULENET_FILES[key]
+    if not path.is_file():
+        raise SourceError(f"{path} not found (FLEXMOL_MOLECULENET_DIR={folder})")
+    with _open_text(path) as f:
+        header = next(csv.reader(f))
+    s_col = _pick_smiles_column(header, None, str(path))
+    opts = SourceOptions(label_columns=[h for i, h in enumerate(header) if i != s_col])
+    src = delimited_file(path, opts, id_prefix=f"{key}-")
+    src.name = key
+    return src
+
+
+def open_source(spec: str, opts: Optional[SourceOptions] = None, data_dir: Optional[Path] = None) -> Source:
+    """A file path (by extension) or a named set: ``moses``, ``qm9``, ``b3db``, ``moleculenet:NAME``."""
+    opts = opts or SourceOptions()
+    data_dir = Path(data_dir) if data_dir else registry.default_data_dir()
+    low = spec.lower()
+    if low == "moses":
+        return moses(data_dir)
+    if low == "qm9":
+        return qm9(data_dir)
+    if low == "b3db":
+        return b3db(data_dir)
+    if low.startswith("moleculenet:"):
+        return moleculenet(spec.split(":", 1)[1], None)
+    path = Path(spec)
+    if not path.exists():
+        raise SourceError(f"source {spec!r} is neither a file nor a named set ({', '.join(NAMED[:3])}, moleculenet:NAME)")
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    ext = suffixes[-1] if suffixes else ""
+    if ext in (".smi", ".smiles", ".txt", ".ism"):
+        return smiles_file(path)
+    if ext in (".csv", ".tsv"):
+        return delimited_file(path, opts)
+    if ext in (".sdf", ".mol", ".sd"):
+        return sdf_file(path, opts)
+    if ext == ".xyz":
+        return xyz_file(path)
+    raise SourceError(f"{path}: unknown file type {ext!r} (expected .smi, .csv, .tsv, .sdf, .xyz, optionally .gz)")

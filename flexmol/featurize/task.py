@@ -1,0 +1,139 @@
+"""The body of one featurisation task: a slice of the input -> one shard and its summary.
+
+Runs the same in a Ray worker and in-process. Per-molecule failures become rejections; what
+cannot be caught in Python (a segfault in RDKit, a hang in C++) kills the worker, and the
+progress file written here tells the driver which molecule was being processed at the time.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexmol import faults
+from flexmol.chem import Featurizer, RawInput, Rejected
+from flexmol.config import FeaturizerConfig
+from flexmol.data.shards import atomic_write_text, shard_name, write_shard
+
+
+@dataclass
+class ShardSpec:
+    shard_id: int
+    first_index: int
+    num_inputs: int
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.shard_id)
+
+
+def parts_dir(out: Path) -> Path:
+    return Path(out) / "parts"
+
+
+def part_path(out: Path, shard_id: int) -> Path:
+    return parts_dir(out) / f"shard-{shard_id:06d}.json"
+
+
+def progress_path(out: Path, shard_id: int) -> Path:
+    return parts_dir(out) / f"shard-{shard_id:06d}.progress"
+
+
+def featurize_shard(
+    spec: ShardSpec,
+    inputs: list[RawInput],
+    cfg: FeaturizerConfig,
+    modality: str,
+    out: str,
+    skip: dict[int, str] | None = None,
+    watchdog: bool = True,
+) -> dict:
+    """Featurise ``inputs`` into ``<out>/shard-NNNNNN.tar``; return (and store) the shard summary.
+
+    ``skip`` maps input indices to a rejection reason decided by the driver (molecules that killed
+    their worker before). With ``watchdog``, a molecule still running after
+    ``cfg.hard_timeout_s`` makes the process exit (the only way out of a hung C++ call).
+    """
+    out_dir = Path(out)
+    skip = skip or {}
+    featurize = Featurizer(cfg, modality)
+    started = time.perf_counter()
+    records: list[dict] = []
+    rejects: list[dict] = []
+    seen: dict[str, tuple[int, str]] = {}
+    atoms = conformers = stripped = 0
+    fd = os.open(progress_path(out_dir, spec.shard_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    try:
+        for raw in inputs:
+            if raw.index in skip:
+                rejects.append(_reject(raw, "worker_died", skip[raw.index], raw.text))
+                continue
+            # Unbuffered: this line survives the process dying in the very next call.
+            os.write(fd, f"{raw.index}\n".encode())
+            if watchdog:
+                faulthandler.dump_traceback_later(cfg.hard_timeout_s, exit=True, file=sys.stderr)
+            try:
+                faults.maybe_inject(raw.id)
+                rec = featurize(raw)
+            except Rejected as exc:
+                rejects.append(_reject(raw, exc.code, exc.reason, exc.smiles or (raw.text if raw.kind == "smiles" else None)))
+                continue
+            except Exception as exc:  # a featuriser bug must not lose the other molecules
+                rejects.append(_reject(raw, "error", f"{type(exc).__name__}: {str(exc).strip()[:200]}", raw.text if raw.kind == "smiles" else None))
+                continue
+            finally:
+                if watchdog:
+                    faulthandler.cancel_dump_traceback_later()
+            key = rec["inchikey"]
+            if key in seen:
+                first_index, first_id = seen[key]
+                rejects.append(_reject(raw, "duplicate", f"duplicate of input {first_index} ({first_id}) by InChIKey {key}", rec["smiles"]))
+                continue
+            seen[key] = (raw.index, raw.id)
+            records.append(rec)
+            atoms += len(rec["z"])
+            conformers += len(rec["pos"]) if "pos" in rec else 0
+            stripped += bool(rec.get("fragments_stripped"))
+    finally:
+        os.close(fd)
+
+    samples, size, digest = write_shard(out_dir / spec.name, records)
+    summary = {
+        "shard": spec.name,
+        "shard_id": spec.shard_id,
+        "first_index": spec.first_index,
+        "num_inputs": spec.num_inputs,
+        "samples": samples,
+        "bytes": size,
+        "sha256": digest,
+        "atoms": atoms,
+        "conformers": conformers,
+        "fragments_stripped": stripped,
+        "keys": [[r["inchikey"], r["index"], r["id"]] for r in records],
+        "rejects": rejects,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if samples + len(rejects) != spec.num_inputs or len(inputs) != spec.num_inputs:
+        raise RuntimeError(f"{spec.name}: {samples} written + {len(rejects)} rejected != {spec.num_inputs} inputs")
+    # The summary is written last: its presence is what marks the shard as finished.
+    atomic_write_text(part_path(out_dir, spec.shard_id), json.dumps(summary))
+    progress_path(out_dir, spec.shard_id).unlink(missing_ok=True)
+    return summary
+
+
+def _reject(raw: RawInput, code: str, reason: str, smiles: str | None) -> dict:
+    return {"index": raw.index, "id": raw.id, "smiles": smiles or None, "code": code, "reason": reason}
+
+
+def last_started(out: Path, shard_id: int) -> int | None:
+    """Index of the molecule a dead worker was featurising (the last one it announced)."""
+    path = progress_path(out, shard_id)
+    try:
+        lines = path.read_text().split()
+    except FileNotFoundError:
+        return None
+    return int(lines[-1]) if lines else None
