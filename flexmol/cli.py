@@ -30,8 +30,8 @@ def add_featurize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-column")
     p.add_argument("--label-column", action="append", dest="label_columns")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                   help="any config key, e.g. featurizer.num_conformers=5 job.num_cpus=8")
+    p.set_defaults(overrides=[])
+    p.epilog = "Any config key can follow as key=value, e.g. featurizer.num_conformers=5 job.num_cpus=8."
 
 
 def featurize_config(args: argparse.Namespace):
@@ -109,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere after the verb; argparse leaves them unparsed.
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if "=" not in r or r.startswith("-")]
+    if bad or (rest and args.command != "featurize"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or rest)}")
+    args.overrides = rest
     if args.command == "featurize":
         return cmd_featurize(args)
     return args.func(args)

@@ -138,7 +138,8 @@ def _without_hydrogens(mol: Chem.Mol) -> Chem.Mol:
         return mol
     # RemoveAllHs, not RemoveHs: the latter keeps some hydrogens (isotopes, bridging H) as atoms,
     # which would break the heavy-atom coordinate mapping below.
-    return Chem.RemoveAllHs(mol, sanitize=False)
+    # Sanitised again: without it the heavy atoms keep no hydrogen count and InChI sees radicals.
+    return sanitize_or_reject(Chem.RemoveAllHs(mol, sanitize=False), "molecule without hydrogens")
 
 
 def _heavy_positions(mol: Chem.Mol) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +66,8 @@ def featurize_shard(
     seen: dict[str, tuple[int, str]] = {}
     atoms = conformers = stripped = 0
     fd = os.open(progress_path(out_dir, spec.shard_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    # Where the watchdog writes the stack of a molecule that overran its time, before it exits.
+    watchdog_log = open(parts_dir(out_dir) / f"shard-{spec.shard_id:06d}.watchdog.log", "a") if watchdog else None
     try:
         for raw in inputs:
             if raw.index in skip:
@@ -75,15 +76,15 @@ def featurize_shard(
             # Unbuffered: this line survives the process dying in the very next call.
             os.write(fd, f"{raw.index}\n".encode())
             if watchdog:
-                faulthandler.dump_traceback_later(cfg.hard_timeout_s, exit=True, file=sys.stderr)
+                faulthandler.dump_traceback_later(cfg.hard_timeout_s, exit=True, file=watchdog_log)
             try:
                 faults.maybe_inject(raw.id)
                 rec = featurize(raw)
             except Rejected as exc:
-                rejects.append(_reject(raw, exc.code, exc.reason, exc.smiles or (raw.text if raw.kind == "smiles" else None)))
+                rejects.append(_reject(raw, exc.code, exc.reason, exc.smiles or _input_smiles(raw)))
                 continue
             except Exception as exc:  # a featuriser bug must not lose the other molecules
-                rejects.append(_reject(raw, "error", f"{type(exc).__name__}: {str(exc).strip()[:200]}", raw.text if raw.kind == "smiles" else None))
+                rejects.append(_reject(raw, "error", f"{type(exc).__name__}: {str(exc).strip()[:200]}", _input_smiles(raw)))
                 continue
             finally:
                 if watchdog:
@@ -100,6 +101,8 @@ def featurize_shard(
             stripped += bool(rec.get("fragments_stripped"))
     finally:
         os.close(fd)
+        if watchdog_log is not None:
+            watchdog_log.close()
 
     samples, size, digest = write_shard(out_dir / spec.name, records)
     summary = {
@@ -123,6 +126,10 @@ def featurize_shard(
     atomic_write_text(part_path(out_dir, spec.shard_id), json.dumps(summary))
     progress_path(out_dir, spec.shard_id).unlink(missing_ok=True)
     return summary
+
+
+def _input_smiles(raw: RawInput) -> str | None:
+    return raw.text if raw.kind in ("smiles", "smiles+geometry") else None
 
 
 def _reject(raw: RawInput, code: str, reason: str, smiles: str | None) -> dict:
