@@ -51,7 +51,9 @@ def write_shard(path: Path, records: Iterable[dict]) -> tuple[int, int, str]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     count = 0
     with open(tmp, "wb") as raw:
-        with wds.TarWriter(raw) as sink:
+        # A fixed mtime makes the tar a function of its records alone: the same input gives the
+        # same bytes and sha256 on any machine, in any run, resumed or not.
+        with wds.TarWriter(raw, mtime=0.0) as sink:
             for rec in records:
                 sink.write({"__key__": sample_key(rec["index"]), schema.SAMPLE_EXTENSION: schema.encode(rec)})
                 count += 1

@@ -125,6 +125,9 @@ def featurize_shard(
     # The summary is written last: its presence is what marks the shard as finished.
     atomic_write_text(part_path(out_dir, spec.shard_id), json.dumps(summary))
     progress_path(out_dir, spec.shard_id).unlink(missing_ok=True)
+    log_path = parts_dir(out_dir) / f"shard-{spec.shard_id:06d}.watchdog.log"
+    if log_path.exists() and log_path.stat().st_size == 0:
+        log_path.unlink()
     return summary
 
 

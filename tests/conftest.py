@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import pytest
+from rdkit import RDConfig
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def nci_smi() -> Path:
+    """4,999 real NCI molecules shipped with RDKit (salts, metals and all)."""
+    return Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
+
+
+@pytest.fixture(scope="session")
+def egfr_sdf() -> Path:
+    """365 EGFR ligands with 3D coordinates, shipped with RDKit."""
+    return Path(RDConfig.RDContribDir) / "PBF" / "testData" / "egfr.sdf"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from flexmol.data.registry import default_data_dir
+
+    return default_data_dir()
+
+
+@pytest.fixture(scope="session")
+def qm9_rows(data_dir):
+    """The first 400 QM9 rows (DFT geometries), from the qm9pack wheel; skipped if pip cannot fetch it."""
+    import itertools
+
+    from flexmol.data.registry import DatasetUnavailable
+    from flexmol.data.sources import open_source
+
+    try:
+        src = open_source("qm9", data_dir=data_dir)
+    except DatasetUnavailable as exc:
+        pytest.skip(f"QM9 wheel unavailable: {exc}")
+    return list(itertools.islice(src, 400))

