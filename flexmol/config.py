@@ -45,7 +45,7 @@ class FeaturizerConfig:
     embed_timeout_s: float = 10.0  # RDKit's own per-fragment limit (soft: the molecule is rejected)
     embed_max_attempts: int = 2  # the second attempt starts from random coordinates
     mmff: bool = True
-    mmff_max_iters: int = 500
+    mmff_max_iters: int = 200  # RDKit's own default
     # A molecule that keeps a worker busy longer than this kills the worker (hard limit: RDKit can
     # hang in C++ where no Python exception reaches it); the job retries and then rejects it.
     hard_timeout_s: float = 120.0

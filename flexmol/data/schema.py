@@ -63,11 +63,10 @@ def _ext_hook(code: int, data: bytes) -> Any:
     dt, shape, raw = msgpack.unpackb(data)
     if dt not in _DTYPES:
         raise SchemaError(f"array dtype {dt!r} is not allowed in records")
-    arr = np.frombuffer(raw, dtype=_DTYPES[dt])
-    count = int(np.prod(shape)) if shape else 1
-    if arr.size != count:
-        raise SchemaError(f"array of shape {shape} has {arr.size} values")
-    return arr.reshape(shape)
+    try:
+        return np.frombuffer(raw, dtype=_DTYPES[dt]).reshape(shape)
+    except (ValueError, TypeError):
+        raise SchemaError(f"array data does not fit shape {shape}") from None
 
 
 def encode(record: dict) -> bytes:

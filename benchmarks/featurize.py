@@ -1,0 +1,179 @@
+"""Featurisation benchmark: FlexMol's featuriser and Ray job against a plain RDKit loop.
+
+On the same real drug-like molecules (the first N of the MOSES test set):
+  (a) plain RDKit, one process: ETKDG + MMFF per molecule as unimol_tools does it;
+  (b) FlexMol's featuriser, one process: parse, standardise, InChIKey, ETKDGv3 + MMFF94,
+      graph features, msgpack, shard write (the Ray task's body, in-process);
+  (c) the Ray job on all cores, timed with Ray already up and, separately, including start-up.
+Also: 2D-only molecules/s on one core; shard reading with batching inside 0 and 2 loader workers;
+and, with --moses-full, the whole MOSES set (1.94M) built as 2D shards through the Ray job.
+
+    .venv/bin/python benchmarks/featurize.py [--n 1000] [--n2d 20000] [--moses-full]
+
+Prints a table and writes benchmarks/out/featurize.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from rdkit import Chem, RDLogger  # noqa: E402
+from rdkit.Chem import AllChem  # noqa: E402
+
+from flexmol import config  # noqa: E402
+from flexmol.data.sources import open_source  # noqa: E402
+from flexmol.featurize import run_featurize  # noqa: E402
+from flexmol.featurize.task import ShardSpec, featurize_shard, parts_dir  # noqa: E402
+
+RDLogger.DisableLog("rdApp.*")
+
+
+def moses_test(n: int, offset: int = 0) -> list:
+    """Inputs from the MOSES test split (index 1,584,663 onwards in the named set's order)."""
+    src = open_source("moses")
+    it = (r for r in src if r.id.startswith("moses-test-"))
+    return list(itertools.islice(it, offset, offset + n))
+
+
+def unimol_tools_loop(smiles: list[str], seed: int = 42) -> int:
+    """unimol_tools' inner_smi2coords, reduced to its RDKit calls: AddHs, EmbedMolecule (ETKDG),
+    MMFFOptimizeMolecule, random-coordinate retry, coordinates out."""
+    done = 0
+    for smi in smiles:
+        mol = Chem.AddHs(Chem.MolFromSmiles(smi))
+        res = AllChem.EmbedMolecule(mol, randomSeed=seed)
+        if res == 0:
+            try:
+                AllChem.MMFFOptimizeMolecule(mol)
+            except Exception:
+                pass
+        else:
+            res = AllChem.EmbedMolecule(mol, maxAttempts=5000, randomSeed=seed, useRandomCoords=True)
+            if res == 0:
+                try:
+                    AllChem.MMFFOptimizeMolecule(mol)
+                except Exception:
+                    pass
+        if res == 0:
+            mol.GetConformer().GetPositions()
+            done += 1
+    return done
+
+
+def in_process(inputs, modality: str, workdir: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=workdir))
+    parts_dir(out).mkdir(parents=True, exist_ok=True)
+    cfg = config.FeaturizerConfig()
+    t = time.perf_counter()
+    s = featurize_shard(ShardSpec(0, inputs[0].index, len(inputs)), inputs, cfg, modality, str(out))
+    dt = time.perf_counter() - t
+    assert s["samples"] + len(s["rejects"]) == len(inputs)
+    return dt
+
+
+def ray_job(smi_file: Path, n: int, out: Path, shard_size: int, modality: str = "paired", warm: bool = True) -> float:
+    import ray
+
+    cfg = config.build(config.FeaturizeConfig, {"source": str(smi_file), "out": str(out), "modality": modality,
+                                                "job": {"shard_size": shard_size, "progress": False}})
+    if warm and not ray.is_initialized():
+        ray.init(include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+                 _temp_dir=os.path.join(tempfile.gettempdir(), "flexmol-ray"))
+    t = time.perf_counter()
+    m = run_featurize(cfg, log=lambda s: None)
+    dt = time.perf_counter() - t
+    assert m["counts"]["input"] == n
+    return dt
+
+
+def read_throughput(directory: Path, workers: int, batch: int = 256) -> tuple[float, int]:
+    from flexmol.data.loader import record_loader
+    from flexmol.data.shards import shard_paths
+
+    urls = [str(p) for p in shard_paths(directory)]
+    t = time.perf_counter()
+    count = 0
+    for b in record_loader(urls, batch, workers):
+        count += len(b["num_atoms"])
+    return count / (time.perf_counter() - t), count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000, help="molecules for the 3D comparison")
+    ap.add_argument("--n2d", type=int, default=20000, help="molecules for 2D-only and shard reading")
+    ap.add_argument("--moses-full", action="store_true", help="also build 2D shards of all 1.94M MOSES molecules")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of (a) and (b)")
+    ap.add_argument("--skip-3d", action="store_true")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="flexmol-bench-"))
+    res: dict = {"machine": f"{platform.machine()}, {cores} cores, {platform.python_version()}", "n": args.n}
+    try:
+        inputs = moses_test(args.n)
+        smiles = [r.text for r in inputs]
+        smi_file = work / "mols.smi"
+        smi_file.write_text("".join(f"{r.text} {r.id}\n" for r in inputs))
+        if not args.skip_3d:
+            # (a) and (b) alternate, `--repeats` times each, so that drifts of this shared
+            # machine's speed hit both alike; the mean of each is reported.
+            a_runs, b_runs = [], []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                unimol_tools_loop(smiles)
+                a_runs.append(args.n / (time.perf_counter() - t))
+                b_runs.append(args.n / in_process(inputs, "paired", work))
+            res["a_runs"], res["b_runs"] = a_runs, b_runs
+            res["a_rdkit_loop_mol_s"] = sum(a_runs) / len(a_runs)
+            res["b_featurizer_mol_s"] = sum(b_runs) / len(b_runs)
+            res["b_over_a"] = res["b_featurizer_mol_s"] / res["a_rdkit_loop_mol_s"]
+            # Shards small enough that every core stays busy to the end (4 tasks per core).
+            shard = max(1, args.n // (4 * cores))
+            res["c_ray_job_mol_s"] = args.n / ray_job(smi_file, args.n, work / "ray", shard)
+            res["c_parallel_efficiency"] = res["c_ray_job_mol_s"] / (cores * res["a_rdkit_loop_mol_s"])
+            import ray
+            ray.shutdown()
+            res["c_ray_job_with_startup_mol_s"] = args.n / ray_job(smi_file, args.n, work / "ray-cold", shard, warm=False)
+
+        inputs2d = moses_test(args.n2d, offset=0)
+        res["n2d"] = args.n2d
+        res["twod_one_core_mol_s"] = args.n2d / in_process(inputs2d, "2d", work)
+        smi2d = work / "mols2d.smi"
+        smi2d.write_text("".join(f"{r.text} {r.id}\n" for r in inputs2d))
+        shards2d = work / "ray2d"
+        res["twod_ray_job_mol_s"] = args.n2d / ray_job(smi2d, args.n2d, shards2d, max(1, args.n2d // 8), "2d", warm=False)
+        for w in (0, 2):
+            res[f"read_{w}_workers_mol_s"], count = read_throughput(shards2d, w)
+            assert count > 0.95 * args.n2d
+        res["read_batch_size"] = 256
+        if args.moses_full:
+            out = work / "moses-full"
+            cfg = config.build(config.FeaturizeConfig, {"source": "moses", "out": str(out), "modality": "2d",
+                                                        "job": {"shard_size": 20000}})
+            t = time.perf_counter()
+            m = run_featurize(cfg)
+            res["moses_full"] = {"wall_s": time.perf_counter() - t, "counts": m["counts"],
+                                 "rejects_by_reason": m["rejects_by_reason"], "shards": len(m["shards"]),
+                                 "bytes": sum(s["bytes"] for s in m["shards"])}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    Path(__file__).with_name("out").mkdir(exist_ok=True)
+    Path(__file__).with_name("out").joinpath("featurize.json").write_text(json.dumps(res, indent=1))
+    for k, v in res.items():
+        print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
