@@ -4,7 +4,8 @@ On the same real drug-like molecules (the first N of the MOSES test set):
   (a) plain RDKit, one process: ETKDG + MMFF per molecule as unimol_tools does it;
   (b) FlexMol's featuriser, one process: parse, standardise, InChIKey, ETKDGv3 + MMFF94,
       graph features, msgpack, shard write (the Ray task's body, in-process);
-  (c) the Ray job on all cores, timed with Ray already up and, separately, including start-up.
+  (c) the Ray job on all cores, timed with Ray already up and, separately, including start-up;
+  (d) the plain loop of (a) on all cores with multiprocessing: the machine's own parallel ceiling.
 Also: 2D-only molecules/s on one core; shard reading with batching inside 0 and 2 loader workers;
 and, with --moses-full, the whole MOSES set (1.94M) built as 2D shards through the Ray job.
 
@@ -69,6 +70,25 @@ def unimol_tools_loop(smiles: list[str], seed: int = 42) -> int:
             mol.GetConformer().GetPositions()
             done += 1
     return done
+
+
+def pool_loop(smiles: list[str], cores: int) -> float:
+    """(d) the plain RDKit loop split over ``cores`` processes (multiprocessing, no framework): what
+    this machine's cores give when run side by side; seconds."""
+    import multiprocessing as mp
+
+    chunks = [smiles[i::cores * 4] for i in range(cores * 4)]
+    with mp.get_context("fork").Pool(cores) as pool:
+        t = time.perf_counter()
+        done = sum(pool.map(unimol_tools_loop, chunks))
+        dt = time.perf_counter() - t
+    assert done > 0.95 * len(smiles)
+    return dt
+
+
+def task_seconds(out: Path) -> float:
+    """Seconds the Ray tasks spent featurising (from the shard summaries)."""
+    return sum(json.loads(p.read_text())["seconds"] for p in parts_dir(out).glob("*.json"))
 
 
 def in_process(inputs, modality: str, workdir: Path) -> float:
@@ -140,8 +160,17 @@ def main() -> None:
             res["b_over_a"] = res["b_featurizer_mol_s"] / res["a_rdkit_loop_mol_s"]
             # Shards small enough that every core stays busy to the end (4 tasks per core).
             shard = max(1, args.n // (4 * cores))
-            res["c_ray_job_mol_s"] = args.n / ray_job(smi_file, args.n, work / "ray", shard)
+            wall = ray_job(smi_file, args.n, work / "ray", shard)
+            res["c_ray_job_mol_s"] = args.n / wall
             res["c_parallel_efficiency"] = res["c_ray_job_mol_s"] / (cores * res["a_rdkit_loop_mol_s"])
+            # Where efficiency goes: the share of wall x cores that tasks were busy (the job's own
+            # overhead), and how fast a worker featurised next to the others (the machine).
+            busy = task_seconds(work / "ray")
+            res["c_busy_share"] = busy / (cores * wall)
+            res["c_worker_mol_s"] = args.n / busy
+            res["d_pool_loop_mol_s"] = args.n / pool_loop(smiles, cores)
+            res["d_pool_efficiency"] = res["d_pool_loop_mol_s"] / (cores * res["a_rdkit_loop_mol_s"])
+            res["c_over_d"] = res["c_ray_job_mol_s"] / res["d_pool_loop_mol_s"]
             import ray
             ray.shutdown()
             res["c_ray_job_with_startup_mol_s"] = args.n / ray_job(smi_file, args.n, work / "ray-cold", shard, warm=False)

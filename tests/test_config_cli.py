@@ -41,6 +41,13 @@ def test_every_shipped_recipe_builds_a_valid_config(recipe):
     config.validate_featurize(cfg)
 
 
+@pytest.mark.parametrize("preset", sorted((REPO / "configs" / "featurize").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_featurize_preset_composes_with_a_recipe(preset):
+    cfg = config.build(FeaturizeConfig, REPO / "shards" / "qm9.yaml", preset)
+    config.validate_featurize(cfg)
+    assert cfg.source == "qm9"
+
+
 def test_cli_reports_bad_config_with_exit_2_and_finishes_with_exit_0_despite_rejections(tmp_path):
     src = tmp_path / "in.smi"
     src.write_text("CCO\nnot_a_smiles\n")
