@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 from rdkit import Chem
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import shortest_path
 
 from flexmol.chem.vocab import ATOM_FEATURE_SIZES, FORMAL_CHARGE_OFFSET
 
@@ -63,6 +61,9 @@ def shortest_path_distances(num_atoms: int, bond_index: np.ndarray, max_distance
     "unreachable" class), else -1. With ``max_distance`` the result is clipped to
     ``0..max_distance + 1``.
     """
+    from scipy.sparse import csr_matrix  # here, not at the top: featurisation workers never need it
+    from scipy.sparse.csgraph import shortest_path
+
     if num_atoms == 0:
         return np.zeros((0, 0), dtype=np.int64)
     edges = np.asarray(bond_index, dtype=np.int64).reshape(-1, 2)

@@ -125,6 +125,8 @@ def run_featurize(cfg: FeaturizeConfig, log: Callable[[str], None] = lambda m: p
     plan = _plan(cfg, source.fingerprint, source.name, shard_size)
     _check_plan(out, plan)
     atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
+    for stale in itertools.chain(out.glob(".shard-*.tar.tmp*"), parts_dir(out).glob(".*.tmp*")):
+        stale.unlink()  # temporaries of a killed run: never a finished shard
 
     total = sum(1 for _ in itertools.islice(source, cfg.limit))
     log(f"[featurize] {source.name}: {total} inputs -> {out} ({cfg.modality}, {-(-total // shard_size)} shards of {shard_size})")
@@ -160,7 +162,7 @@ def _run_tasks(cfg: FeaturizeConfig, out: Path, inputs: Iterator[RawInput], shar
         for handle, ok, value in executor.wait(list(pending)):
             spec, chunk, skip, failures = pending.pop(handle)
             if ok:
-                summaries[spec.shard_id] = value
+                summaries[spec.shard_id] = _without_keys(value)
                 bar.update(spec.num_inputs)
                 continue
             if executor.is_worker_death(value):
@@ -185,7 +187,7 @@ def _run_tasks(cfg: FeaturizeConfig, out: Path, inputs: Iterator[RawInput], shar
         for spec, chunk in _slices(inputs, shard_size):
             part = _load_part(out, spec)
             if part is not None:
-                summaries[spec.shard_id] = part
+                summaries[spec.shard_id] = _without_keys(part)
                 resumed += 1
                 bar.update(spec.num_inputs)
                 continue
@@ -205,11 +207,21 @@ def _run_tasks(cfg: FeaturizeConfig, out: Path, inputs: Iterator[RawInput], shar
     return [summaries[k] for k in sorted(summaries)]
 
 
+def _without_keys(summary: dict) -> dict:
+    # The InChIKeys of a shard stay in its part file and are streamed from there by the duplicate
+    # pass: held in memory for every shard they would cost the driver ~0.25 kB per molecule.
+    return {k: v for k, v in summary.items() if k != "keys"}
+
+
+def _part_keys(out: Path, shard_id: int) -> list:
+    return json.loads(part_path(out, shard_id).read_text())["keys"]
+
+
 def _remove_cross_shard_duplicates(out: Path, summaries: list[dict], log: Callable[[str], None]) -> None:
     first: dict[str, tuple[int, str]] = {}
     drops: dict[int, dict[int, str]] = defaultdict(dict)  # position in summaries -> index -> reason
     for pos, s in enumerate(summaries):
-        for key, index, ident in s["keys"]:
+        for key, index, ident in _part_keys(out, s["shard_id"]):
             if key in first:
                 fi, fid = first[key]
                 drops[pos][index] = f"duplicate of input {fi} ({fid}) by InChIKey {key}"
@@ -230,9 +242,9 @@ def _remove_cross_shard_duplicates(out: Path, summaries: list[dict], log: Callab
                  atoms=sum(len(r["z"]) for r in kept),
                  conformers=sum(len(r["pos"]) for r in kept if "pos" in r),
                  fragments_stripped=sum(bool(r.get("fragments_stripped")) for r in kept),
-                 keys=[k for k in s["keys"] if k[1] not in dropped],
                  rejects=sorted(s["rejects"] + new_rejects, key=lambda r: r["index"]))
-        atomic_write_text(part_path(out, s["shard_id"]), json.dumps(s))
+        keys = [k for k in _part_keys(out, s["shard_id"]) if k[1] not in dropped]
+        atomic_write_text(part_path(out, s["shard_id"]), json.dumps({**s, "keys": keys}))
         log(f"[featurize] {s['shard']}: {len(new_rejects)} duplicate(s) of molecules in earlier shards removed")
 
 

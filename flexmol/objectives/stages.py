@@ -1,0 +1,104 @@
+"""Stage 1 (paired) and stage 2 (2D-only, 3D-only) pre-training losses, as METHOD.md reads them.
+
+Every loss comes back by name (for logging) together with the weighted ``total``; every weight,
+the masking rate, the coordinate noise and the temperature are config keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flexmol.model.inputs import MASK_Z
+from flexmol.model.network import FlexMol
+from flexmol.objectives.losses import ContrastiveLoss, atom_mse, pair_mse, pooled
+
+
+@dataclass
+class ObjectiveConfig:
+    contrastive: float = 1.0  # L_cl, stage 1
+    consistency: float = 1.0  # L_c: decoders reconstruct the (real or FL-predicted) input representation
+    alignment: float = 1.0  # feature learners, stage 1
+    atom: float = 1.0  # masked atom types
+    coord: float = 1.0  # coordinate denoising
+    spd: float = 0.5  # shortest-path-distance classes
+    dist: float = 0.5  # pair distances
+    mask_prob: float = 0.15
+    noise_std: float = 0.2  # Å
+    temperature: float = 0.1
+
+
+def _mask_atoms(batch: dict, prob: float, generator: torch.Generator | None) -> tuple[dict, torch.Tensor]:
+    real = batch["mask"]
+    pick = (torch.rand(real.shape, generator=generator, device=real.device) < prob) & real
+    if not pick.any():  # at least one masked atom per batch, so the loss is defined
+        first = real.nonzero()[0]
+        pick[first[0], first[1]] = True
+    masked = dict(batch)
+    if "atom_feat" in batch:
+        feat = batch["atom_feat"].clone()
+        feat[..., 0] = feat[..., 0].masked_fill(pick, 0)  # atomic number 0 = [MASK]
+        masked["atom_feat"] = feat
+    masked["z"] = batch["z"].masked_fill(pick, MASK_Z)
+    return masked, pick
+
+
+def _noised(batch: dict, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    pos = batch["pos"]
+    noise = torch.randn(pos.shape, generator=generator, device=pos.device, dtype=pos.dtype) * std
+    return pos + noise * batch["mask"].unsqueeze(-1)
+
+
+def pretraining_losses(model: FlexMol, batch: dict, cfg: ObjectiveConfig,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Losses for one batch; which ones depends on ``batch["modality"]``:
+
+    - ``paired`` (stage 1): contrastive, consistency (both decoders, real targets), alignment (both
+      feature learners), masked atoms, coordinate denoising, SPD, distances;
+    - ``2d`` (stage 2): consistency of D_2->3 against the frozen 3D-FL's y~ = 3D-FL(x), masked
+      atoms, SPD;
+    - ``3d`` (stage 2): consistency of D_3->2 against the frozen 2D-FL's x~ = 2D-FL(y), coordinate
+      denoising, distances.
+    """
+    modality, mask = batch["modality"], batch["mask"]
+    # Atoms are masked only where the masked-atom loss is on (not for 3D-only molecules).
+    masked, picked = _mask_atoms(batch, cfg.mask_prob, generator) if modality != "3d" else (batch, None)
+    pos = _noised(batch, cfg.noise_std, generator) if modality in ("paired", "3d") else None
+    out = model(masked, pos=pos)
+    losses: dict[str, torch.Tensor] = {}
+
+    if modality == "paired":
+        z2 = model.proj_2d(pooled(out["x_f"], mask))
+        z3 = model.proj_3d(pooled(out["y_f"], mask))
+        losses["contrastive"] = ContrastiveLoss(cfg.temperature)(z2, z3)
+        losses["consistency"] = (
+            atom_mse(out["y_hat"], out["y"].detach(), mask) + pair_mse(out["Q_hat"], out["Q"].detach(), mask)
+            + atom_mse(out["x_hat"], out["x"].detach(), mask) + pair_mse(out["P_hat"], out["P"].detach(), mask)
+        )
+        losses["alignment"] = (atom_mse(model.fl_3d(out["x"]), out["y"].detach(), mask)
+                               + atom_mse(model.fl_2d(out["y"]), out["x"].detach(), mask))
+    elif modality == "2d":
+        with torch.no_grad():  # the frozen 3D-FL: no gradient reaches it
+            target = model.fl_3d(out["x"])
+        losses["consistency"] = atom_mse(out["y_hat"], target, mask)
+    else:
+        with torch.no_grad():  # the frozen 2D-FL
+            target = model.fl_2d(out["y"])
+        losses["consistency"] = atom_mse(out["x_hat"], target, mask)
+
+    pm = mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    if modality in ("paired", "2d"):
+        logits = model.atom_head(out["h"])[picked]
+        losses["atom"] = F.cross_entropy(logits.float(), batch["z"][picked])
+        losses["spd"] = F.cross_entropy(model.spd_head(out["pair"])[pm].float(), batch["spd"][pm])
+    if modality in ("paired", "3d"):
+        true = batch["pos"]
+        pred = model.coord_head(out["pair"], pos, mask)
+        losses["coord"] = ((pred.float() - true.float()).pow(2).sum(-1) * mask).sum() / mask.sum()
+        dist = torch.cdist(true.float(), true.float())
+        losses["dist"] = F.mse_loss(model.dist_head(out["pair"])[pm].float(), dist[pm])
+
+    weights = {k: getattr(cfg, k) for k in losses}
+    losses["total"] = sum(weights[k] * v for k, v in losses.items())
+    return losses
