@@ -88,6 +88,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out=Path(args.out), qm9_limit=args.qm9_limit, moses_limit=args.moses_limit)
 
 
+def cmd_model_summary(args: argparse.Namespace) -> int:
+    from flexmol.model.summary import summary_text
+
+    try:
+        print(summary_text(args.model))
+    except ConfigError as exc:
+        print(f"flexmol model summary: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexmol", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("directory")
     insp.add_argument("--no-decode", action="store_true", help="check sizes and checksums only, not every record")
     insp.set_defaults(func=cmd_shards_inspect)
+
+    model = sub.add_parser("model", help="the FlexMol network").add_subparsers(dest="model_command", required=True)
+    summ = model.add_parser("summary", help="parameters per component; last line 'total parameters: N'")
+    summ.add_argument("--model", default="base", help="tiny, small, base, or a model YAML")
+    summ.set_defaults(func=cmd_model_summary)
 
     demo = sub.add_parser("demo", help="the main job on the default data (QM9 paired + MOSES 2D subsets)")
     demo.add_argument("--out", default="outputs/demo")

@@ -60,3 +60,25 @@ def test_cli_reports_bad_config_with_exit_2_and_finishes_with_exit_0_despite_rej
     assert "counts: input 2, written 1, rejected 1" in ok.stdout
     missing = subprocess.run(cmd[:4] + ["nope.smi", "--out", str(tmp_path / "p")], capture_output=True, text=True)
     assert missing.returncode == 2 and "neither a file nor a named set" in missing.stderr
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_model_summary_prints_components_and_total(size):
+    proc = subprocess.run([sys.executable, "-m", "flexmol.cli", "model", "summary", "--model", size],
+                          capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("total parameters: ")
+    total = int(lines[-1].split(": ")[1])
+    parts = {l.split()[0]: int(l.split()[1].replace(",", "")) for l in lines[1:-1]}
+    assert sum(parts.values()) == total
+    assert {"shared_attention", "encoder_2d", "encoder_3d", "decoder_2to3", "decoder_3to2", "fl_2d", "fl_3d",
+            "mm_encoder"} <= set(parts)
+    if size == "base":
+        assert 90e6 < total < 130e6  # the paper reports ~112M
+
+
+def test_model_summary_rejects_an_unknown_size():
+    proc = subprocess.run([sys.executable, "-m", "flexmol.cli", "model", "summary", "--model", "huge"],
+                          capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "no such preset" in proc.stderr

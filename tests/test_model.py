@@ -198,3 +198,25 @@ def test_collate_shortest_paths_and_budget(records):
     batches = list(atom_budget_batches(records, max_atoms=64))
     assert sum(len(b) for b in batches) == len(records)
     assert all(len(b) * max(len(r["z"]) for r in b) <= 64 or len(b) == 1 for b in batches)
+
+
+def test_joint_encoding_equals_running_the_two_encoders_one_after_the_other(records):
+    from flexmol.model.layers import encode_jointly
+
+    m = model(dtype=torch.float64)
+    batch = as_dtype(collate(records[:4]), torch.float64)
+    with torch.no_grad():
+        x, p = m.input_2d(batch)
+        y, q = m.input_3d_repr(batch, batch["pos"])
+        joint = encode_jointly(m.encoder_2d, m.encoder_3d, x, p, y, q, batch["mask"])
+        separate = (*m.encoder_2d(x, p, batch["mask"]), *m.encoder_3d(y, q, batch["mask"]))
+    for a, b in zip(joint, separate):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_summary_counts_each_shared_parameter_once():
+    from flexmol.model.summary import model_config, parameter_table
+
+    for size in ("tiny", "small"):
+        m = FlexMol(model_config(size))
+        assert sum(c for _, c in parameter_table(m)) == sum(p.numel() for p in m.parameters())

@@ -66,9 +66,21 @@ class PairTransformerLayer(nn.Module):
 
     def forward(self, x, pair, mask):
         h, pair = self.attn(self.ln_attn(x), pair, mask)
-        x = x + h
-        x = x + self.ffn(self.ln_ffn(x))
-        return x, pair
+        return self.feed_forward(x + h), pair
+
+    def feed_forward(self, x):
+        return x + self.ffn(self.ln_ffn(x))
+
+
+def shared_layer_pair(l2: PairTransformerLayer, l3: PairTransformerLayer, x, p, y, q, mask):
+    """One layer of two encoders whose attention is shared, as a single attention call over the
+    2D and 3D sequences stacked along the batch: the same result as running ``l2`` and ``l3``
+    one after the other, with half the attention launches (what a GPU's latency follows)."""
+    assert l2.attn is l3.attn, "the layers do not share their attention"
+    h, pair = l2.attn(torch.cat([l2.ln_attn(x), l3.ln_attn(y)]), torch.cat([p, q]), torch.cat([mask, mask]))
+    hx, hy = h.chunk(2)
+    p, q = pair.chunk(2)
+    return l2.feed_forward(x + hx), p, l3.feed_forward(y + hy), q
 
 
 class PairTransformer(nn.Module):
@@ -87,4 +99,14 @@ class PairTransformer(nn.Module):
     def forward(self, x, pair, mask):
         for layer in self.layers:
             x, pair = layer(x, pair, mask)
+        return self.finish(x, pair)
+
+    def finish(self, x, pair):
         return self.ln_out(x), self.ln_pair(pair)
+
+
+def encode_jointly(enc2: PairTransformer, enc3: PairTransformer, x, p, y, q, mask):
+    """Both encoders over paired inputs, layer by layer with :func:`shared_layer_pair`."""
+    for l2, l3 in zip(enc2.layers, enc3.layers):
+        x, p, y, q = shared_layer_pair(l2, l3, x, p, y, q, mask)
+    return (*enc2.finish(x, p), *enc3.finish(y, q))

@@ -9,7 +9,7 @@ from torch import nn
 
 from flexmol.model.heads import AtomTypeHead, CoordinateHead, DistanceHead, SPDHead, masked_mean
 from flexmol.model.inputs import AtomEmbedding2D, Input3D, PairBias2D
-from flexmol.model.layers import FeedForward, PairTransformer, SharedAttention
+from flexmol.model.layers import FeedForward, PairTransformer, SharedAttention, encode_jointly
 
 
 @dataclass
@@ -119,7 +119,7 @@ class FlexMol(nn.Module):
         return self.input_3d(batch["z"], pos, batch["mask"])
 
     # -- the forward pass ----------------------------------------------------------------------
-    def forward(self, batch: dict, pos: torch.Tensor | None = None) -> dict:
+    def forward(self, batch: dict, pos: torch.Tensor | None = None, decode: bool = True) -> dict:
         """Run whatever the batch's modality allows. ``batch["modality"]`` is ``paired``, ``2d`` or
         ``3d``; ``pos`` overrides ``batch["pos"]`` (e.g. noised coordinates).
 
@@ -131,14 +131,19 @@ class FlexMol(nn.Module):
         out: dict = {}
         if modality in ("paired", "2d"):
             out["x"], out["P"] = self.input_2d(batch)
+        if modality in ("paired", "3d"):
+            out["y"], out["Q"] = self.input_3d_repr(batch, batch["pos"] if pos is None else pos)
+        if modality == "paired":
+            out["x_f"], out["P_f"], out["y_f"], out["Q_f"] = encode_jointly(
+                self.encoder_2d, self.encoder_3d, out["x"], out["P"], out["y"], out["Q"], mask)
+        elif modality == "2d":
             out["x_f"], out["P_f"] = self.encoder_2d(out["x"], out["P"], mask)
-        if modality in ("paired", "3d"):
-            pos = batch["pos"] if pos is None else pos
-            out["y"], out["Q"] = self.input_3d_repr(batch, pos)
+        else:
             out["y_f"], out["Q_f"] = self.encoder_3d(out["y"], out["Q"], mask)
-        if modality in ("paired", "2d"):
+        # With both modalities present the decoders only serve the consistency loss.
+        if modality == "2d" or (modality == "paired" and decode):
             out["y_hat"], out["Q_hat"] = self.decoder_2to3(out["x_f"], out["P_f"], mask)
-        if modality in ("paired", "3d"):
+        if modality == "3d" or (modality == "paired" and decode):
             out["x_hat"], out["P_hat"] = self.decoder_3to2(out["y_f"], out["Q_f"], mask)
         if modality == "2d":  # the generated 3D input runs through the 3D encoder like a real one
             out["y_f"], out["Q_f"] = self.encoder_3d(out["y_hat"], out["Q_hat"], mask)
@@ -150,4 +155,4 @@ class FlexMol(nn.Module):
 
     def embed(self, batch: dict) -> torch.Tensor:
         """Pooled molecule embedding [B, d] for any modality."""
-        return self.forward(batch)["embedding"]
+        return self.forward(batch, decode=False)["embedding"]

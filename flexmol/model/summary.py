@@ -1,0 +1,47 @@
+"""Model presets and parameter accounting."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from flexmol.model.network import FlexMol, ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+def model_config(size_or_path: str, overrides: list[str] | None = None) -> ModelConfig:
+    """A preset name (tiny, small, base: ``configs/model/NAME.yaml``) or a YAML path."""
+    from flexmol import config
+
+    path = Path(size_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{size_or_path}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise config.ConfigError(f"model.size '{size_or_path}': no such preset (known: {', '.join(known)})")
+    return config.build(ModelConfig, path, overrides=overrides)
+
+
+def parameter_table(model: FlexMol) -> list[tuple[str, int]]:
+    """Parameters per top-level component, each shared tensor counted once (where it is owned)."""
+    rows = [(name, sum(p.numel() for p in child.parameters())) for name, child in model.named_children()]
+    return [(n, c) for n, c in rows if c]
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summary_text(size: str) -> str:
+    cfg = model_config(size)
+    model = FlexMol(cfg)
+    rows = parameter_table(model)
+    width = max(len(n) for n, _ in rows)
+    lines = [f"FlexMol {size}: d={cfg.dim}, heads={cfg.heads}, layers={cfg.layers} per encoder (attention shared), "
+             f"decoder_layers={cfg.decoder_layers}, mm_layers={cfg.mm_layers}, kernels={cfg.num_kernels}"]
+    lines += [f"  {n:<{width}}  {c:>12,}" for n, c in rows]
+    total = count(model)
+    assert total == sum(c for _, c in rows)
+    lines.append(f"total parameters: {total}")
+    return "\n".join(lines)
