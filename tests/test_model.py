@@ -5,7 +5,7 @@ import torch
 
 from flexmol.chem import Featurizer, RawInput
 from flexmol.config import FeaturizerConfig
-from flexmol.data.collate import atom_budget_batches, collate, shortest_paths
+from flexmol.data.collate import atom_budget_batches, collate
 from flexmol.model import FlexMol, ModelConfig
 from flexmol.objectives import ObjectiveConfig, pretraining_losses
 from flexmol.objectives.losses import ContrastiveLoss, pooled
@@ -187,12 +187,19 @@ def test_bf16_autocast_forward_and_losses_are_finite(records):
 
 
 def test_collate_shortest_paths_and_budget(records):
-    rec = records[0]
-    spd, paths = shortest_paths(len(rec["z"]), rec["bond_index"], 5)
-    from rdkit import Chem
-    assert (spd == Chem.GetDistanceMatrix(Chem.MolFromSmiles(rec["smiles"])).astype(int)).all()
-    # every pair at distance k <= 5 lists exactly k bonds, and they form a chain from j towards i
-    assert ((paths >= 0).sum(-1) == np.minimum(spd, 5)).all()
+    from flexmol.chem.features import shortest_path_distances
+
+    batch = collate(records, max_spd=6, max_path=3)
+    for i, rec in enumerate(records):
+        n = len(rec["z"])
+        ref = shortest_path_distances(n, rec["bond_index"])  # scipy's graph search, per molecule
+        spd = batch["spd"][i, :n, :n].numpy()
+        assert (spd == np.minimum(ref, 7)).all()
+        paths = batch["path_edges"][i, :n, :n].numpy()
+        # a pair at distance k <= 6 lists min(k, 3) bonds; a chain of bonds ending at j
+        assert ((paths >= 0).sum(-1) == np.where(ref <= 6, np.minimum(ref, 3), 0)).all()
+        edges = batch["edge_feat"]
+        assert (paths < len(edges)).all()
     with pytest.raises(ValueError, match="one modality"):
         collate([records[0], dict(records[1], modality="2d")])
     batches = list(atom_budget_batches(records, max_atoms=64))
@@ -200,23 +207,15 @@ def test_collate_shortest_paths_and_budget(records):
     assert all(len(b) * max(len(r["z"]) for r in b) <= 64 or len(b) == 1 for b in batches)
 
 
-def test_joint_encoding_equals_running_the_two_encoders_one_after_the_other(records):
-    from flexmol.model.layers import encode_jointly
+def test_path_edges_walk_from_j_towards_i():
+    from rdkit import Chem
 
-    m = model(dtype=torch.float64)
-    batch = as_dtype(collate(records[:4]), torch.float64)
-    with torch.no_grad():
-        x, p = m.input_2d(batch)
-        y, q = m.input_3d_repr(batch, batch["pos"])
-        joint = encode_jointly(m.encoder_2d, m.encoder_3d, x, p, y, q, batch["mask"])
-        separate = (*m.encoder_2d(x, p, batch["mask"]), *m.encoder_3d(y, q, batch["mask"]))
-    for a, b in zip(joint, separate):
-        assert torch.allclose(a, b, atol=1e-10)
+    from flexmol.chem.features import graph_features
 
-
-def test_summary_counts_each_shared_parameter_once():
-    from flexmol.model.summary import model_config, parameter_table
-
-    for size in ("tiny", "small"):
-        m = FlexMol(model_config(size))
-        assert sum(c for _, c in parameter_table(m)) == sum(p.numel() for p in m.parameters())
+    mol = Chem.MolFromSmiles("CCCCC")  # a chain: atom k bonded to k+1
+    af, bi, bf = graph_features(mol)
+    rec = {"modality": "2d", "z": af[:, 0], "atom_feat": af, "bond_index": bi, "bond_feat": bf}
+    batch = collate([rec], max_spd=8, max_path=5)
+    bonds = [tuple(b) for b in bi.tolist()]
+    path = batch["path_edges"][0, 0, 4].tolist()  # from atom 0 to atom 4: bonds 3-4, 2-3, 1-2, 0-1
+    assert [bonds[e] for e in path[:4]] == [(3, 4), (2, 3), (1, 2), (0, 1)] and path[4] == -1
