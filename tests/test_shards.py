@@ -136,15 +136,16 @@ def test_inspect_catches_a_shard_whose_records_do_not_decode(dataset, tmp_path):
 
 
 def test_loader_reads_every_record_once_with_batches_collated_in_two_workers(dataset):
-    from flexmol.data.loader import record_loader
+    from flexmol.data.loader import batch_loader
     from flexmol.data.shards import read_shard, shard_paths
 
     paths = shard_paths(dataset)
     expected = sorted(len(r["z"]) for p in paths for r in read_shard(p))
     seen = []
-    for batch in record_loader([str(p) for p in paths], batch_size=32, num_workers=2):
-        assert batch["z"].shape == batch["atom_feat"].shape[:2]
-        n = batch["num_atoms"]
-        assert ((batch["z"] > 0).sum(dim=1) == n).all()  # padding is zero, real atoms are not
-        seen += n.tolist()
+    for batch in batch_loader([str(p) for p in paths], max_atoms=512, num_workers=2):
+        b, n = batch["z"].shape
+        assert b * n <= 512 or b == 1
+        assert batch["spd"].shape == (b, n, n) and batch["atom_feat"].shape == (b, n, 9)
+        assert (batch["mask"].sum(1) == batch["num_atoms"]).all()
+        seen += batch["num_atoms"].tolist()
     assert sorted(seen) == expected

@@ -53,12 +53,13 @@ def batch_shortest_paths(adj: np.ndarray, edge_id: np.ndarray, max_spd: int, max
     return spd, paths
 
 
-def collate(records: list[dict], max_spd: int = 8, max_path: int = 5) -> dict:
+def collate(records: list[dict], max_spd: int = 8, max_path: int = 5, pairs: bool = True) -> dict:
     """Pad ``records`` (all of one modality) into the model's batch dict.
 
     Keys: ``modality``; ``mask`` [B, N] bool; ``z`` [B, N]; for graphs ``atom_feat`` [B, N, 9],
     ``spd`` [B, N, N] (classes 0..max_spd+1), ``path_edges`` [B, N, N, L] into ``edge_feat``
     [E, 3]; for 3D ``pos`` [B, N, 3] (the first conformer; a sampler picks others upstream).
+    With ``pairs=False`` the pair tensors (``spd``, ``path_edges``, ``edge_feat``) are left out.
     """
     modalities = {r["modality"] for r in records}
     if len(modalities) != 1:
@@ -86,11 +87,12 @@ def collate(records: list[dict], max_spd: int = 8, max_path: int = 5) -> dict:
             edge_id[i, bonds[:, 0], bonds[:, 1]] = edge_id[i, bonds[:, 1], bonds[:, 0]] = ids
             edge_feats.append(np.asarray(r["bond_feat"], dtype=np.int64).reshape(-1, 3))
             offset += len(bonds)
-        spd, paths = batch_shortest_paths(adj, edge_id, max_spd, max_path)
         batch["atom_feat"] = torch.from_numpy(feat)
-        batch["spd"] = torch.from_numpy(spd)
-        batch["path_edges"] = torch.from_numpy(paths)
-        batch["edge_feat"] = torch.from_numpy(np.concatenate(edge_feats))
+        if pairs:
+            spd, paths = batch_shortest_paths(adj, edge_id, max_spd, max_path)
+            batch["spd"] = torch.from_numpy(spd)
+            batch["path_edges"] = torch.from_numpy(paths)
+            batch["edge_feat"] = torch.from_numpy(np.concatenate(edge_feats))
     if modality in ("paired", "3d"):
         pos = np.zeros((b, n, 3), dtype=np.float32)
         for i, r in enumerate(records):
