@@ -46,8 +46,9 @@ class FeaturizerConfig:
     embed_max_attempts: int = 2  # the second attempt starts from random coordinates
     mmff: bool = True
     mmff_max_iters: int = 200  # RDKit's own default
-    # A molecule that keeps a worker busy longer than this kills the worker (hard limit: RDKit can
-    # hang in C++ where no Python exception reaches it); the job retries and then rejects it.
+    # A molecule that keeps a worker busy longer than this (up to twice this) kills the worker
+    # (hard limit: RDKit can hang in C++ where no Python exception reaches it); the job retries the
+    # shard and rejects the molecule when it does so again.
     hard_timeout_s: float = 120.0
     # 3D taken from the input (SDF with 3D coordinates, QM9 DFT geometries) instead of generated.
     use_input_geometry: bool = True
