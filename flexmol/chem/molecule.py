@@ -49,9 +49,10 @@ def standardize(mol: Chem.Mol, cfg: FeaturizerConfig, smiles: str | None = None)
         keep = max(range(len(frags)), key=lambda k: (heavy[k], -k))
         mol = sanitize_or_reject(Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)[keep], "largest fragment")
         stripped = True
-    allowed = _allowed_numbers(tuple(cfg.elements))
-    bad = sorted({a.GetSymbol() for a in mol.GetAtoms() if a.GetAtomicNum() not in allowed})
-    if bad:
+    allowed, outside = _element_filter(tuple(cfg.elements))
+    # One C++ substructure test; the per-atom Python loop only runs for molecules it rejects.
+    if mol.HasSubstructMatch(outside):
+        bad = sorted({a.GetSymbol() for a in mol.GetAtoms() if a.GetAtomicNum() not in allowed})
         raise Rejected("element", f"unsupported element(s) {', '.join(bad)} (featurizer.elements)", smiles)
     n_heavy = mol.GetNumHeavyAtoms()
     if n_heavy > cfg.max_heavy_atoms:
@@ -61,14 +62,17 @@ def standardize(mol: Chem.Mol, cfg: FeaturizerConfig, smiles: str | None = None)
     return mol, stripped
 
 
-_ALLOWED: dict[tuple, frozenset] = {}
+_FILTERS: dict[tuple, tuple[frozenset, Chem.Mol]] = {}
 
 
-def _allowed_numbers(symbols: tuple) -> frozenset:
-    if symbols not in _ALLOWED:
+def _element_filter(symbols: tuple) -> tuple[frozenset, Chem.Mol]:
+    """(allowed atomic numbers, a SMARTS query matching any atom outside them)."""
+    if symbols not in _FILTERS:
         table = Chem.GetPeriodicTable()
-        _ALLOWED[symbols] = frozenset(table.GetAtomicNumber(s) for s in symbols)
-    return _ALLOWED[symbols]
+        allowed = frozenset(table.GetAtomicNumber(s) for s in symbols)
+        query = Chem.MolFromSmarts("[" + ";".join(f"!#{z}" for z in sorted(allowed)) + "]")
+        _FILTERS[symbols] = (allowed, query)
+    return _FILTERS[symbols]
 
 
 def identity(mol: Chem.Mol) -> tuple[str, str]:
