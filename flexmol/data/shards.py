@@ -43,6 +43,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    info.uname = info.gname = "flexmol"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_members(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, int, str]:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    count = 0
+    with open(tmp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                _add_member(tar, name, data)
+                count += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    size = tmp.stat().st_size
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    return count, size, digest
+
+
 def write_shard(path: Path, records: Iterable[dict]) -> tuple[int, int, str]:
     """Write records to ``path`` through a temporary file and an atomic rename, so a killed writer
     never leaves a partial shard under the final name. Returns (samples, bytes, sha256).
@@ -53,23 +76,25 @@ def write_shard(path: Path, records: Iterable[dict]) -> tuple[int, int, str]:
     a function of its records alone (same sha256 on any machine, resumed or not) and has one
     header per member (pax headers would halve the read speed).
     """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    count = 0
-    with open(tmp, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for rec in records:
-                data = schema.encode(rec)
-                info = tarfile.TarInfo(f"{sample_key(rec['index'])}.{schema.SAMPLE_EXTENSION}")
-                info.size, info.mode, info.mtime = len(data), 0o444, 0
-                info.uname = info.gname = "flexmol"
-                tar.addfile(info, io.BytesIO(data))
-                count += 1
-        raw.flush()
-        os.fsync(raw.fileno())
-    size = tmp.stat().st_size
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
-    return count, size, digest
+    return _write_members(
+        path, ((f"{sample_key(rec['index'])}.{schema.SAMPLE_EXTENSION}", schema.encode(rec)) for rec in records))
+
+
+def filter_shard(path: Path, drop: set[int]) -> tuple[tuple[int, int, str], list[dict]]:
+    """Rewrite a shard without the records whose input index is in ``drop``, copying the other
+    members' bytes as they are (no decoding). Returns ((samples, bytes, sha256), dropped records)."""
+    dropped: list[dict] = []
+
+    def kept():
+        with tarfile.open(path, "r|") as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()
+                if int(member.name.partition(".")[0][1:]) in drop:
+                    dropped.append(schema.decode(data))
+                else:
+                    yield member.name, data
+
+    return _write_members(path, kept()), dropped
 
 
 def _sha256(path: Path) -> str:

@@ -24,7 +24,7 @@ from flexmol import __version__
 from flexmol.chem import RawInput
 from flexmol.config import FeaturizeConfig, to_dict, validate_featurize
 from flexmol.data import schema
-from flexmol.data.shards import FORMAT, MANIFEST, REJECTS, atomic_write_text, encode_rejects, read_shard, write_shard
+from flexmol.data.shards import FORMAT, MANIFEST, REJECTS, atomic_write_text, encode_rejects, filter_shard
 from flexmol.data.sources import open_source
 from flexmol.featurize.executors import make_executor
 from flexmol.featurize.task import ShardSpec, last_started, part_path, parts_dir
@@ -229,19 +229,13 @@ def _remove_cross_shard_duplicates(out: Path, summaries: list[dict], log: Callab
                 first[key] = (index, ident)
     for pos, dropped in drops.items():
         s = summaries[pos]
-        path = out / s["shard"]
-        kept, new_rejects = [], []
-        for rec in read_shard(path):
-            if rec["index"] in dropped:
-                new_rejects.append({"index": rec["index"], "id": rec["id"], "smiles": rec["smiles"], "code": "duplicate",
-                                    "reason": dropped[rec["index"]]})
-            else:
-                kept.append({k: (v.copy() if hasattr(v, "copy") else v) for k, v in rec.items()})
-        samples, size, digest = write_shard(path, kept)
+        (samples, size, digest), gone = filter_shard(out / s["shard"], set(dropped))
+        new_rejects = [{"index": r["index"], "id": r["id"], "smiles": r["smiles"], "code": "duplicate",
+                        "reason": dropped[r["index"]]} for r in gone]
         s.update(samples=samples, bytes=size, sha256=digest,
-                 atoms=sum(len(r["z"]) for r in kept),
-                 conformers=sum(len(r["pos"]) for r in kept if "pos" in r),
-                 fragments_stripped=sum(bool(r.get("fragments_stripped")) for r in kept),
+                 atoms=s["atoms"] - sum(len(r["z"]) for r in gone),
+                 conformers=s["conformers"] - sum(len(r["pos"]) for r in gone if "pos" in r),
+                 fragments_stripped=s["fragments_stripped"] - sum(bool(r.get("fragments_stripped")) for r in gone),
                  rejects=sorted(s["rejects"] + new_rejects, key=lambda r: r["index"]))
         keys = [k for k in _part_keys(out, s["shard_id"]) if k[1] not in dropped]
         atomic_write_text(part_path(out, s["shard_id"]), json.dumps({**s, "keys": keys}))
