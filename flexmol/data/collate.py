@@ -76,29 +76,33 @@ def collate(records: list[dict], max_spd: int = 8, max_path: int = 5, pairs: boo
                    "num_atoms": torch.tensor(sizes)}
     if modality in ("paired", "2d"):
         feat = np.zeros((b, n, 9), dtype=np.int64)
-        adj = np.zeros((b, n, n), dtype=bool)
-        edge_id = np.full((b, n, n), -1, dtype=np.int64)
-        edge_feats, offset = [], 0
         for i, r in enumerate(records):
             feat[i, : sizes[i]] = r["atom_feat"]
-            bonds = np.asarray(r["bond_index"], dtype=np.int64).reshape(-1, 2)
-            ids = np.arange(offset, offset + len(bonds))
-            adj[i, bonds[:, 0], bonds[:, 1]] = adj[i, bonds[:, 1], bonds[:, 0]] = True
-            edge_id[i, bonds[:, 0], bonds[:, 1]] = edge_id[i, bonds[:, 1], bonds[:, 0]] = ids
-            edge_feats.append(np.asarray(r["bond_feat"], dtype=np.int64).reshape(-1, 3))
-            offset += len(bonds)
         batch["atom_feat"] = torch.from_numpy(feat)
         if pairs:
-            spd, paths = batch_shortest_paths(adj, edge_id, max_spd, max_path)
-            batch["spd"] = torch.from_numpy(spd)
-            batch["path_edges"] = torch.from_numpy(paths)
-            batch["edge_feat"] = torch.from_numpy(np.concatenate(edge_feats))
+            batch.update(_pair_tensors(records, b, n, max_spd, max_path))
     if modality in ("paired", "3d"):
         pos = np.zeros((b, n, 3), dtype=np.float32)
         for i, r in enumerate(records):
             pos[i, : sizes[i]] = r["pos"][0]
         batch["pos"] = torch.from_numpy(pos)
     return batch
+
+
+def _pair_tensors(records: list[dict], b: int, n: int, max_spd: int, max_path: int) -> dict:
+    adj = np.zeros((b, n, n), dtype=bool)
+    edge_id = np.full((b, n, n), -1, dtype=np.int64)
+    edge_feats, offset = [], 0
+    for i, r in enumerate(records):
+        bonds = np.asarray(r["bond_index"], dtype=np.int64).reshape(-1, 2)
+        ids = np.arange(offset, offset + len(bonds))
+        adj[i, bonds[:, 0], bonds[:, 1]] = adj[i, bonds[:, 1], bonds[:, 0]] = True
+        edge_id[i, bonds[:, 0], bonds[:, 1]] = edge_id[i, bonds[:, 1], bonds[:, 0]] = ids
+        edge_feats.append(np.asarray(r["bond_feat"], dtype=np.int64).reshape(-1, 3))
+        offset += len(bonds)
+    spd, paths = batch_shortest_paths(adj, edge_id, max_spd, max_path)
+    return {"spd": torch.from_numpy(spd), "path_edges": torch.from_numpy(paths),
+            "edge_feat": torch.from_numpy(np.concatenate(edge_feats))}
 
 
 def atom_budget_batches(records: Iterable[dict], max_atoms: int) -> Iterator[list[dict]]:
