@@ -14,15 +14,16 @@ from flexmol.featurize import FeaturizeError, run_featurize
 
 
 def run_demo(out: Path, qm9_limit: int, moses_limit: int) -> int:
+    # Shards small enough that every core gets work on these subsets.
     steps = [
-        ("qm9", "paired", qm9_limit, out / "shards" / "qm9_paired"),
-        ("moses", "2d", moses_limit, out / "shards" / "moses_2d"),
+        ("qm9", "paired", qm9_limit, out / "shards" / "qm9_paired", 250),
+        ("moses", "2d", moses_limit, out / "shards" / "moses_2d", 2500),
     ]
     reports = []
-    for source, modality, limit, directory in steps:
+    for source, modality, limit, directory, shard_size in steps:
         print(f"== featurise {source} ({modality}, first {limit} molecules) -> {directory}", flush=True)
         cfg = config.build(config.FeaturizeConfig, {"source": source, "modality": modality, "limit": limit,
-                                                    "out": str(directory)})
+                                                    "out": str(directory), "job": {"shard_size": shard_size}})
         try:
             run_featurize(cfg)
         except FeaturizeError as exc:
