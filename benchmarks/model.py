@@ -100,7 +100,7 @@ def main() -> None:
         t = timed(step, device, args.steps)
         res[f"train_{size}_mol_s"] = args.batch / statistics.median(t)
         res[f"params_{size}"] = count(model)
-        del model, opt
+
     for size in args.latency_sizes:
         cfg = model_config(size)
         torch.manual_seed(0)
@@ -122,7 +122,7 @@ def main() -> None:
         res[f"latency_{size}_ratio_paired"] = res[f"latency_{size}_flexmol_paired_ms"] / res[f"latency_{size}_unimol_style_ms"]
         res[f"latency_{size}_ratio_2d_only"] = res[f"latency_{size}_flexmol_2d_only_ms"] / res[f"latency_{size}_unimol_style_ms"]
         res[f"params_unimol_style_{size}"] = count(base)
-        del flex, base
+
     out = Path(__file__).with_name("out")
     out.mkdir(exist_ok=True)
     (out / f"model-{device.type}.json").write_text(json.dumps(res, indent=1))

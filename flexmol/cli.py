@@ -64,7 +64,7 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
     try:
         cfg = featurize_config(args)
-        manifest = run_featurize(cfg)
+        run_featurize(cfg)
     except (ConfigError, FeaturizeError) as exc:
         print(f"flexmol featurize: {exc}", file=sys.stderr)
         return 2

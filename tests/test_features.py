@@ -1,10 +1,10 @@
 """2D features of known molecules: counts, vocab values, bond symmetry, shortest paths."""
 import numpy as np
-import pytest
 from rdkit import Chem
 
 from flexmol.chem import Featurizer, RawInput
-from flexmol.chem.features import graph_features, shortest_path_distances
+from flexmol.chem.features import graph_features
+from flexmol.data.collate import collate
 from flexmol.chem.vocab import ATOM_FEATURE_SIZES, BOND_FEATURE_SIZES, FORMAL_CHARGE_OFFSET
 from flexmol.config import FeaturizerConfig
 
@@ -39,23 +39,31 @@ def test_aspirin_counts_and_bond_list_is_each_bond_once_sorted():
     assert r["inchikey"] == "BSYNRYMUTXBXSQ-UHFFFAOYSA-N"
 
 
+def spd_of(records, max_spd=8):
+    batch = collate([dict(r, modality="2d") for r in records], max_spd=max_spd)
+    return [batch["spd"][i, :len(r["z"]), :len(r["z"])].numpy() for i, r in enumerate(records)]
+
+
 def test_shortest_paths_are_symmetric_with_known_values():
-    r = record("c1ccccc1")
-    spd = shortest_path_distances(6, r["bond_index"])
+    benzene, aspirin = record("c1ccccc1"), record(ASPIRIN)
+    spd, spd_a = spd_of([benzene, aspirin])
     assert (spd == spd.T).all() and (np.diag(spd) == 0).all()
     assert sorted(spd[0].tolist()) == [0, 1, 1, 2, 2, 3]  # ortho, meta, para
-    a = record(ASPIRIN)
-    mol = Chem.MolFromSmiles(a["smiles"])
-    assert (shortest_path_distances(len(a["z"]), a["bond_index"]) == Chem.GetDistanceMatrix(mol).astype(int)).all()
-    assert shortest_path_distances(13, a["bond_index"]).max() == 6  # methyl C to the acid O
-    clipped = shortest_path_distances(13, a["bond_index"], max_distance=4)
+    # the record keeps the input's atom order, so RDKit's own distance matrix of the input applies
+    assert (spd_a == Chem.GetDistanceMatrix(Chem.MolFromSmiles(ASPIRIN)).astype(int)).all()
+    assert spd_a.max() == 6  # methyl C to the acid O
+    (clipped,) = spd_of([aspirin], max_spd=4)
     assert clipped.max() == 5  # "more than 4" is its own class
+    assert ((clipped == 5) == (spd_a > 4)).all()
 
 
-def test_disconnected_atoms_get_the_unreachable_class():
-    spd = shortest_path_distances(4, np.array([[0, 1], [2, 3]]), max_distance=8)
-    assert spd[0, 2] == 9 and spd[0, 1] == 1
-    assert shortest_path_distances(4, np.array([[0, 1], [2, 3]]))[1, 3] == -1
+def test_disconnected_fragments_get_the_unreachable_class():
+    both = record("CC.CC", fragments="largest")  # the policy keeps one fragment...
+    assert len(both["z"]) == 2
+    rec = {"z": np.array([6, 6, 6, 6]), "atom_feat": np.zeros((4, 9), np.uint8),
+           "bond_index": np.array([[0, 1], [2, 3]], np.uint16), "bond_feat": np.zeros((2, 3), np.uint8)}
+    (spd,) = spd_of([rec])  # ...but the collation handles disconnected graphs all the same
+    assert spd[0, 1] == 1 and spd[0, 2] == 9 and spd[1, 3] == 9
 
 
 def test_charged_molecule_formal_charges():

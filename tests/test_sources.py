@@ -1,6 +1,5 @@
 """Readers of files and named sets, and the sha256-checked wheel cache."""
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 

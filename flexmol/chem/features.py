@@ -1,4 +1,5 @@
-"""2D graph features of an RDKit molecule, and shortest-path distances over its bonds."""
+"""2D graph features of an RDKit molecule. (Shortest paths are computed at batching time, in the
+loader workers: :func:`flexmol.data.collate.batch_shortest_paths`.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -52,28 +53,3 @@ def graph_features(mol: Chem.Mol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     b = np.array(bonds, dtype=np.int32).reshape(-1, 5)
     index = np.sort(b[:, :2], axis=1).astype(np.uint16)
     return atom.astype(np.uint8), index, b[:, 2:].astype(np.uint8)
-
-
-def shortest_path_distances(num_atoms: int, bond_index: np.ndarray, max_distance: int | None = None) -> np.ndarray:
-    """Shortest-path distance (in bonds) between every pair of atoms: int [n, n].
-
-    Atoms in different fragments get ``max_distance + 1`` when ``max_distance`` is given (the
-    "unreachable" class), else -1. With ``max_distance`` the result is clipped to
-    ``0..max_distance + 1``.
-    """
-    from scipy.sparse import csr_matrix  # here, not at the top: featurisation workers never need it
-    from scipy.sparse.csgraph import shortest_path
-
-    if num_atoms == 0:
-        return np.zeros((0, 0), dtype=np.int64)
-    edges = np.asarray(bond_index, dtype=np.int64).reshape(-1, 2)
-    adj = csr_matrix(
-        (np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(num_atoms, num_atoms)
-    )
-    dist = shortest_path(adj, directed=False, unweighted=True)
-    unreachable = ~np.isfinite(dist)
-    if max_distance is None:
-        dist[unreachable] = -1
-        return dist.astype(np.int64)
-    dist[unreachable] = max_distance + 1
-    return np.minimum(dist, max_distance + 1).astype(np.int64)

@@ -185,7 +185,6 @@ def inspect(directory: Path, decode: bool = True) -> InspectReport:
     if m.get("format") != FORMAT or m.get("schema_version") != schema.SCHEMA_VERSION:
         report.problems.append(f"format {m.get('format')!r} v{m.get('schema_version')!r} is not {FORMAT} v{schema.SCHEMA_VERSION}")
         return report
-    written = 0
     for s in m["shards"]:
         path = directory / s["name"]
         if not path.is_file():
@@ -198,7 +197,6 @@ def inspect(directory: Path, decode: bool = True) -> InspectReport:
         if _sha256(path) != s["sha256"]:
             report.problems.append(f"{s['name']}: sha256 differs from the manifest (corrupted)")
             continue
-        written += s["samples"]
         if decode:
             try:
                 n = sum(1 for _ in read_shard(path, validate=True))
