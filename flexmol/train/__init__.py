@@ -1,0 +1,1 @@
+"""Pre-training: configuration, learning-rate schedule (the DeepSpeed loop builds on these)."""
