@@ -53,6 +53,9 @@ class TrainSection:
     seed: int = 0
     log_every: int = 10
     save_every: int = 500
+    # Stop (and checkpoint) at this step although max_steps is further: a run cut into chunks by a
+    # scheduler's time limit, exactly like a preempted one. The LR schedule follows max_steps.
+    stop_after: Optional[int] = None
 
 
 @dataclass

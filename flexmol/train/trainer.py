@@ -96,6 +96,7 @@ class Pretrainer:
         """Train to ``train.max_steps``; with ``stop_after``, stop (and checkpoint) at that step as a
         preempted run would."""
         t, model = self.cfg.train, self.engine.module
+        stop_after = stop_after if stop_after is not None else t.stop_after
         last = min(t.max_steps, stop_after) if stop_after is not None else t.max_steps
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log_path = self.out / "metrics.jsonl"
@@ -116,9 +117,9 @@ class Pretrainer:
                     self.engine.backward(losses["total"])
                     self.engine.step()
                     n = int(batch["mask"].shape[0])
-                    record["molecules"][source] = record["molecules"].get(source, 0) + n
-                    for k, v in losses.items():
-                        record[f"loss/{k}"] = record.get(f"loss/{k}", 0.0) + float(v.detach()) / t.grad_accum
+                    record["molecules"][source] = record["molecules"].get(source, 0) + n * self.world
+                    for k, v in self._mean_over_ranks(losses).items():
+                        record[f"loss/{k}"] = record.get(f"loss/{k}", 0.0) + v / t.grad_accum
                 self.step += 1
                 elapsed = time.perf_counter() - started
                 record.update(lr=self.engine.get_lr()[0], seconds=elapsed, loader_wait_share=wait / elapsed)
@@ -134,6 +135,15 @@ class Pretrainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         return history
+
+    def _mean_over_ranks(self, losses: dict) -> dict[str, float]:
+        """Every loss averaged over the ranks (each rank holds its own batch), for logging."""
+        keys = sorted(losses)
+        values = torch.stack([losses[k].detach().float() for k in keys])
+        if self.world > 1:
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        return dict(zip(keys, values.tolist()))
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True  # finish this step, checkpoint, exit
