@@ -67,3 +67,50 @@ def test_two_rank_zero2_run_through_the_deepspeed_launcher_resumes_exactly(qm9_p
     assert [r["step"] for r in cut] == [1, 2, 3, 4]
     assert [r["loss/total"] for r in cut] == [r["loss/total"] for r in straight]
     assert all(r["molecules"]["paired"] > 0 for r in straight)
+
+
+@pytest.mark.slow
+def test_stage_one_exports_and_stage_two_continues_on_2d_mixed_with_paired(qm9_paired, nci_smi, tmp_path):
+    import torch
+
+    import flexmol
+    from flexmol.data.collate import collate
+    from flexmol.data.shards import read_shard, shard_paths
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    moses_like = tmp_path / "nci2d"
+    run_featurize(config.build(config.FeaturizeConfig, {"source": str(nci_smi), "out": str(moses_like), "modality": "2d",
+                                                        "limit": 200, "job": {"executor": "serial", "shard_size": 50,
+                                                                              "progress": False}}), log=lambda m: None)
+    cfgs = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain")
+    common = ["data.num_workers=0", "data.max_atoms=256", "train.warmup_steps=1", "train.log_every=1"]
+    Pretrainer(tc.load(os.path.join(cfgs, "stage1.yaml"), common + [
+        f"data.paired=[{qm9_paired}]", "train.max_steps=3", f"output_dir={tmp_path / 's1'}"])).run()
+    model = flexmol.load_pretrained(tmp_path / "s1" / "export")
+    rec = next(read_shard(shard_paths(qm9_paired)[0]))
+    assert model.embed(collate([rec])).shape == (1, model.cfg.dim)
+
+    s2 = Pretrainer(tc.load(os.path.join(cfgs, "stage2.yaml"), common + [
+        f"data.paired=[{qm9_paired}]", f"data.single_2d=[{moses_like}]", f"init_from={tmp_path / 's1'}",
+        "train.max_steps=12", "data.mix=[{step: 0, weights: {paired: 0.5, single_2d: 0.5}}]",
+        f"output_dir={tmp_path / 's2'}"]))
+    start = {k: v.clone() for k, v in s2.engine.module.state_dict().items()}
+    exported = flexmol.load_pretrained(tmp_path / "s1" / "export").state_dict()
+    assert all(torch.equal(start[k], exported[k]) for k in exported)  # stage 2 starts from stage 1
+    history = s2.run()
+    seen = {k for r in history for k in r["molecules"]}
+    assert seen == {"paired", "single_2d"}
+    assert all(r["loss/total"] == r["loss/total"] for r in history)  # finite
+
+
+def test_start_up_errors_name_the_problem(qm9_paired, tmp_path):
+    from flexmol.config import ConfigError
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    stage1 = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "stage1.yaml")
+    with pytest.raises(ConfigError, match="not a finished dataset"):
+        Pretrainer(tc.load(stage1, [f"data.paired=[{tmp_path}]", f"output_dir={tmp_path / 'o'}"]))
+    with pytest.raises(ConfigError, match="need at least 8"):
+        Pretrainer(tc.load(stage1, [f"data.paired=[{qm9_paired}]", "data.num_workers=8", f"output_dir={tmp_path / 'o'}"]))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from flexmol.config import ConfigError
 from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, dataset_urls
 from flexmol.model import FlexMol
 from flexmol.model.summary import model_config
@@ -24,6 +25,23 @@ from flexmol.train.schedule import lr_factor
 
 SOURCE_NAMES = ("paired", "single_2d", "single_3d")
 MODALITY = {"paired": "paired", "single_2d": "2d", "single_3d": "3d"}
+
+
+def _checked_urls(cfg: PretrainConfig, key: str, world: int) -> list[str]:
+    """The shards of ``data.<key>``, refusing at start-up what would fail or hang later."""
+    urls = []
+    for d in getattr(cfg.data, key):
+        if not (Path(d) / "manifest.json").exists():
+            raise ConfigError(f"config key 'data.{key}': {d} is not a finished dataset (no manifest.json)")
+        got = dataset_urls([d])
+        if not got:
+            raise ConfigError(f"config key 'data.{key}': {d} holds no molecules")
+        urls += got
+    need = world * max(1, cfg.data.num_workers)
+    if len(urls) < need:
+        raise ConfigError(f"config key 'data.{key}': {len(urls)} shards for {world} ranks x "
+                          f"{max(1, cfg.data.num_workers)} loader workers; need at least {need} (smaller job.shard_size)")
+    return urls
 
 
 def _single_process_env() -> None:
@@ -46,7 +64,7 @@ class Pretrainer:
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        sources = {k: dataset_urls(getattr(cfg.data, k)) for k in SOURCE_NAMES if getattr(cfg.data, k)}
+        sources = {k: _checked_urls(cfg, k, self.world) for k in SOURCE_NAMES if getattr(cfg.data, k)}
         self.schedule = MixingSchedule([MixPoint(p.step, dict(p.weights)) for p in cfg.data.mix], list(sources))
 
         torch.manual_seed(cfg.train.seed)
@@ -63,6 +81,8 @@ class Pretrainer:
                                                     config=ds_config)
         self.step = 0
         taken = {k: 0 for k in sources}
+        if cfg.init_from and cfg.resume == "none":
+            self._init_from(Path(cfg.init_from))
         client = self._resume()
         if client:
             self.step = client["step"]
@@ -86,6 +106,37 @@ class Pretrainer:
             return None  # resume=auto on a fresh output directory: start from scratch
         _, client = self.engine.load_checkpoint(str(directory), tag=tag)
         return client
+
+    def _init_from(self, path: Path) -> None:
+        """Stage 2 starts from stage 1's weights (its output_dir, checkpoints/ or an export):
+        model only; optimizer, schedule and streams start afresh."""
+        export = path / "model.safetensors"
+        if export.exists():
+            from safetensors.torch import load_file
+
+            self.engine.module.load_state_dict(load_file(export), strict=True)
+            return
+        ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if not (ckpt / "latest").exists():
+            raise ConfigError(f"config key 'init_from': {path} holds no checkpoint (no latest) and no model.safetensors")
+        self.engine.load_checkpoint(str(ckpt), load_module_only=True, load_optimizer_states=False,
+                                    load_lr_scheduler_states=False)
+
+    def export(self, directory: Path | None = None) -> Path:
+        """The model as safetensors + its YAML config (rank 0 writes; every rank must call)."""
+        import deepspeed
+        from omegaconf import OmegaConf
+        from safetensors.torch import save_file
+
+        directory = Path(directory or self.out / "export")
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.engine.zero_optimization_stage() == 3):
+            if self.rank == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().cpu().contiguous() for k, v in self.engine.module.state_dict().items()}
+                save_file(state, str(directory / "model.safetensors"))
+                OmegaConf.save(OmegaConf.structured(self.engine.module.cfg), directory / "model.yaml")
+        return directory
 
     def save(self) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step:08d}",
@@ -131,6 +182,9 @@ class Pretrainer:
                     self.save()
             if self._stop or self.step < t.max_steps:
                 self.save()
+            else:
+                self.save()
+                self.export()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
