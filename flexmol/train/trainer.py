@@ -27,6 +27,12 @@ SOURCE_NAMES = ("paired", "single_2d", "single_3d")
 MODALITY = {"paired": "paired", "single_2d": "2d", "single_3d": "3d"}
 
 
+def _as_dict(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
 def _checked_urls(cfg: PretrainConfig, key: str, world: int) -> list[str]:
     """The shards of ``data.<key>``, refusing at start-up what would fail or hang later."""
     urls = []
@@ -151,8 +157,13 @@ class Pretrainer:
         last = min(t.max_steps, stop_after) if stop_after is not None else t.max_steps
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log_path = self.out / "metrics.jsonl"
+        bar = run = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            from tqdm import tqdm
+
+            bar = tqdm(total=last, initial=self.step, unit="step", desc=f"stage {self.cfg.stage}", mininterval=1.0)
+            run = self._wandb()
         history = []
         try:
             while self.step < last and not self._stop:
@@ -169,15 +180,25 @@ class Pretrainer:
                     self.engine.step()
                     n = int(batch["mask"].shape[0])
                     record["molecules"][source] = record["molecules"].get(source, 0) + n * self.world
+                    record["atoms"] = record.get("atoms", 0) + int(batch["mask"].sum()) * self.world
                     for k, v in self._mean_over_ranks(losses).items():
                         record[f"loss/{k}"] = record.get(f"loss/{k}", 0.0) + v / t.grad_accum
                 self.step += 1
                 elapsed = time.perf_counter() - started
-                record.update(lr=self.engine.get_lr()[0], seconds=elapsed, loader_wait_share=wait / elapsed)
+                grad_norm = self.engine.get_global_grad_norm()
+                mols = sum(record["molecules"].values())
+                record.update(lr=self.engine.get_lr()[0], seconds=elapsed, loader_wait_share=wait / elapsed,
+                              grad_norm=float(grad_norm) if grad_norm is not None else None,
+                              molecules_per_s=mols / elapsed, atoms_per_s=record["atoms"] / elapsed)
                 history.append(record)
-                if self.rank == 0 and (self.step % t.log_every == 0 or self.step == t.max_steps):
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                if self.rank == 0:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss/total']:.3f}", mol_s=f"{record['molecules_per_s']:.0f}")
+                    if self.step % t.log_every == 0 or self.step == last:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        if run is not None:
+                            run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
                 if self.step % t.save_every == 0:
                     self.save()
             if self._stop or self.step < t.max_steps:
@@ -188,7 +209,21 @@ class Pretrainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            if run is not None:
+                run.finish()
         return history
+
+    def _wandb(self):
+        """A wandb run, offline unless the config says otherwise (with no network and an API key
+        set, online mode hangs for minutes)."""
+        if self.cfg.wandb.mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(project=self.cfg.wandb.project, mode=self.cfg.wandb.mode, dir=str(self.out),
+                          config=_as_dict(self.cfg), resume="allow")
 
     def _mean_over_ranks(self, losses: dict) -> dict[str, float]:
         """Every loss averaged over the ranks (each rank holds its own batch), for logging."""
