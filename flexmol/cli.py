@@ -99,6 +99,14 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import runpy
+
+    launcher = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
+    module = runpy.run_path(str(launcher))
+    return module["main"](["--config", args.config, *args.overrides])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexmol", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--model", default="base", help="tiny, small, base, or a model YAML")
     summ.set_defaults(func=cmd_model_summary)
 
+    pre = sub.add_parser("pretrain", help="pre-training in one process (multi-GPU: deepspeed launch/pretrain.py)")
+    pre.add_argument("--config", required=True, help="configs/pretrain/stage1.yaml or stage2.yaml")
+    pre.set_defaults(func=cmd_pretrain)
+
     demo = sub.add_parser("demo", help="the main job on the default data (QM9 paired + MOSES 2D subsets)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--qm9-limit", type=int, default=2000)
@@ -128,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # key=value overrides may stand anywhere after the verb; argparse leaves them unparsed.
     args, rest = parser.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r or r.startswith("-")]
-    if bad or (rest and args.command != "featurize"):
+    if bad or (rest and args.command not in ("featurize", "pretrain")):
         parser.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     args.overrides = rest
     if args.command == "featurize":

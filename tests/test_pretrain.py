@@ -114,3 +114,21 @@ def test_start_up_errors_name_the_problem(qm9_paired, tmp_path):
         Pretrainer(tc.load(stage1, [f"data.paired=[{tmp_path}]", f"output_dir={tmp_path / 'o'}"]))
     with pytest.raises(ConfigError, match="need at least 8"):
         Pretrainer(tc.load(stage1, [f"data.paired=[{qm9_paired}]", "data.num_workers=8", f"output_dir={tmp_path / 'o'}"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 3])
+def test_zero_stage_configs_build_and_train(qm9_paired, tmp_path, zero):
+    import subprocess
+    import sys
+
+    out = tmp_path / f"z{zero}"
+    proc = subprocess.run([sys.executable, "-m", "flexmol.cli", "pretrain", "--config", "configs/pretrain/stage1.yaml",
+                           f"data.paired=[{qm9_paired}]", "data.num_workers=0", "data.max_atoms=256",
+                           "train.max_steps=2", "train.log_every=1", f"deepspeed=configs/deepspeed/zero{zero}.json",
+                           f"output_dir={out}"], capture_output=True, text=True, timeout=600,
+                          cwd=os.path.join(os.path.dirname(__file__), ".."), env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import flexmol
+    flexmol.load_pretrained(out / "export")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -90,9 +90,11 @@ class Pretrainer:
         if cfg.init_from and cfg.resume == "none":
             self._init_from(Path(cfg.init_from))
         client = self._resume()
+        self.seen = {k: 0 for k in sources}  # molecules seen per source, all ranks
         if client:
             self.step = client["step"]
             taken.update(client["stream"]["taken"])
+            self.seen.update(client.get("seen", {}))
         d = cfg.data
         self.stream = MixedStream(
             {k: SourceStream(k, urls, max_atoms=d.max_atoms, seed=t.seed, shuffle_buffer=d.shuffle_buffer,
@@ -146,7 +148,8 @@ class Pretrainer:
 
     def save(self) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step:08d}",
-                                    client_state={"step": self.step, "stream": self.stream.state_dict()})
+                                    client_state={"step": self.step, "stream": self.stream.state_dict(),
+                                                  "seen": dict(self.seen)})
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> list[dict]:
@@ -180,6 +183,7 @@ class Pretrainer:
                     self.engine.step()
                     n = int(batch["mask"].shape[0])
                     record["molecules"][source] = record["molecules"].get(source, 0) + n * self.world
+                    self.seen[source] += n * self.world
                     record["atoms"] = record.get("atoms", 0) + int(batch["mask"].sum()) * self.world
                     for k, v in self._mean_over_ranks(losses).items():
                         record[f"loss/{k}"] = record.get(f"loss/{k}", 0.0) + v / t.grad_accum
@@ -187,7 +191,7 @@ class Pretrainer:
                 elapsed = time.perf_counter() - started
                 grad_norm = self.engine.get_global_grad_norm()
                 mols = sum(record["molecules"].values())
-                record.update(lr=self.engine.get_lr()[0], seconds=elapsed, loader_wait_share=wait / elapsed,
+                record.update(seen=dict(self.seen), lr=self.engine.get_lr()[0], seconds=elapsed, loader_wait_share=wait / elapsed,
                               grad_norm=float(grad_norm) if grad_norm is not None else None,
                               molecules_per_s=mols / elapsed, atoms_per_s=record["atoms"] / elapsed)
                 history.append(record)
