@@ -1,4 +1,5 @@
 """The DeepSpeed pre-training loop on CPU, on real QM9 paired shards with the tiny model."""
+import json
 import os
 
 import pytest
@@ -7,6 +8,12 @@ from flexmol import config
 from flexmol.featurize import run_featurize
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra):
+    """This process's environment without the rendezvous variables an in-process run set."""
+    return {**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, "DS_ACCELERATOR": "cpu", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +51,7 @@ def _launch(config_path, overrides, port):
     repo = Path(__file__).resolve().parents[1]
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
            str(repo / "launch" / "pretrain.py"), "--config", str(config_path), *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=repo)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -118,17 +125,21 @@ def test_start_up_errors_name_the_problem(qm9_paired, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 3])
-def test_zero_stage_configs_build_and_train(qm9_paired, tmp_path, zero):
+def test_zero_stage_configs_train_resume_and_export(qm9_paired, tmp_path, zero):
     import subprocess
     import sys
 
     out = tmp_path / f"z{zero}"
-    proc = subprocess.run([sys.executable, "-m", "flexmol.cli", "pretrain", "--config", "configs/pretrain/stage1.yaml",
-                           f"data.paired=[{qm9_paired}]", "data.num_workers=0", "data.max_atoms=256",
-                           "train.max_steps=2", "train.log_every=1", f"deepspeed=configs/deepspeed/zero{zero}.json",
-                           f"output_dir={out}"], capture_output=True, text=True, timeout=600,
-                          cwd=os.path.join(os.path.dirname(__file__), ".."), env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "flexmol.cli", "pretrain", "--config", "configs/pretrain/stage1.yaml",
+           f"data.paired=[{qm9_paired}]", "data.num_workers=0", "data.max_atoms=256", "train.max_steps=2",
+           "train.log_every=1", f"deepspeed=configs/deepspeed/zero{zero}.json", f"output_dir={out}"]
+    run = lambda *extra: subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600,
+                                        cwd=os.path.join(os.path.dirname(__file__), ".."),
+                                        env=child_env())
+    first = run("train.stop_after=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run("resume=auto")  # loads the checkpoint with weights_only=True
+    assert second.returncode == 0, second.stderr[-3000:]
     import flexmol
     flexmol.load_pretrained(out / "export")
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

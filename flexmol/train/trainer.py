@@ -27,6 +27,32 @@ SOURCE_NAMES = ("paired", "single_2d", "single_3d")
 MODALITY = {"paired": "paired", "single_2d": "2d", "single_3d": "3d"}
 
 
+def _weights_only_engine(engine):
+    """DeepSpeed's torch checkpoint engine loads with ``weights_only=False`` (full unpickling): a
+    checkpoint from elsewhere could run code. Ours loads with ``weights_only=True``; the few plain
+    DeepSpeed and Python types its files hold are allow-listed by name, nothing else."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine) is not TorchCheckpointEngine:
+        return engine  # other engines (nebula, decoupled) keep their own loading
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_checkpoint_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.__class__ = WeightsOnlyCheckpointEngine
+    return engine
+
+
+def _checkpoint_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def _as_dict(cfg) -> dict:
     from omegaconf import OmegaConf
 
@@ -54,8 +80,12 @@ def _single_process_env() -> None:
     """``python launch/pretrain.py`` without a launcher: a world of one (DeepSpeed otherwise looks
     for MPI)."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        import socket
+
+        with socket.socket() as sock:  # a free port, so that several single-process runs coexist
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -85,6 +115,7 @@ class Pretrainer:
                          bf16={"enabled": t.precision == "bf16"})
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
+        self.engine.checkpoint_engine = _weights_only_engine(self.engine.checkpoint_engine)
         self.step = 0
         taken = {k: 0 for k in sources}
         if cfg.init_from and cfg.resume == "none":
