@@ -143,3 +143,27 @@ def test_zero_stage_configs_train_resume_and_export(qm9_paired, tmp_path, zero):
     import flexmol
     flexmol.load_pretrained(out / "export")
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_exits(qm9_paired, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/stage1.yaml",
+                             f"data.paired=[{qm9_paired}]", "data.num_workers=0", "data.max_atoms=256",
+                             "train.max_steps=100000", "train.log_every=1", f"output_dir={out}"],
+                            cwd=os.path.join(os.path.dirname(__file__), ".."), env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{last:08d}"
