@@ -31,7 +31,7 @@ def test_n_steps_resume_n_steps_equals_2n_steps_straight(qm9_paired, tmp_path):
     from flexmol.train.trainer import Pretrainer
 
     base = [f"data.paired=[{qm9_paired}]", "data.num_workers=0", "data.max_atoms=256", "train.warmup_steps=2",
-            "train.max_steps=6", "train.log_every=1", "train.save_every=100"]
+            "train.max_steps=6", "train.log_every=1", "train.save_every=100", "train.grad_accum=2"]
     stage1 = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "stage1.yaml")
     straight = Pretrainer(tc.load(stage1, base + [f"output_dir={tmp_path / 'a'}"])).run()
     first = Pretrainer(tc.load(stage1, base + [f"output_dir={tmp_path / 'b'}"])).run(stop_after=3)
@@ -136,9 +136,9 @@ def test_zero_stage_configs_train_resume_and_export(qm9_paired, tmp_path, zero):
     run = lambda *extra: subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=600,
                                         cwd=os.path.join(os.path.dirname(__file__), ".."),
                                         env=child_env())
-    first = run("train.stop_after=1")
+    first = run("train.stop_after=1", "train.precision=bf16")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run("resume=auto")  # loads the checkpoint with weights_only=True
+    second = run("resume=auto", "train.precision=bf16")  # loads the checkpoint with weights_only=True
     assert second.returncode == 0, second.stderr[-3000:]
     import flexmol
     flexmol.load_pretrained(out / "export")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from flexmol.config import ConfigError
+from flexmol.data.collate import move
 from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, dataset_urls
 from flexmol.model import FlexMol
 from flexmol.model.summary import model_config
@@ -111,8 +112,11 @@ class Pretrainer:
             optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.decay, t.min_lr_ratio))
         ds_config = json.loads(Path(cfg.deepspeed).read_text())
         ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=t.grad_accum,
-                         train_batch_size=t.grad_accum * self.world, gradient_clipping=t.grad_clip,
-                         bf16={"enabled": t.precision == "bf16"})
+                         train_batch_size=t.grad_accum * self.world, gradient_clipping=t.grad_clip)
+        # bf16 as autocast over fp32 weights (the model is tested under autocast; coordinates and
+        # distances stay fp32), rather than DeepSpeed casting every parameter and input.
+        ds_config.pop("bf16", None)
+        ds_config.pop("fp16", None)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
         self.engine.checkpoint_engine = _weights_only_engine(self.engine.checkpoint_engine)
@@ -209,7 +213,9 @@ class Pretrainer:
                     _, source, batch = next(self.stream)
                     wait += time.perf_counter() - w0
                     gen = torch.Generator().manual_seed(hash((t.seed, self.step, micro, self.rank)) & 0x7FFFFFFF)
-                    losses = pretraining_losses(model, batch, self.cfg.objective, gen)
+                    batch = move(batch, self.engine.device)
+                    with torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                        losses = pretraining_losses(model, batch, self.cfg.objective, gen)
                     self.engine.backward(losses["total"])
                     self.engine.step()
                     n = int(batch["mask"].shape[0])
