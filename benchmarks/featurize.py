@@ -32,6 +32,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from rdkit import Chem, RDLogger  # noqa: E402
 from rdkit.Chem import AllChem  # noqa: E402
 
+from _report import report  # noqa: E402
 from flexmol import config  # noqa: E402
 from flexmol.data.sources import open_source  # noqa: E402
 from flexmol.featurize import run_featurize  # noqa: E402
@@ -206,10 +207,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    Path(__file__).with_name("out").mkdir(exist_ok=True)
-    Path(__file__).with_name("out").joinpath("featurize.json").write_text(json.dumps(res, indent=1))
-    for k, v in res.items():
-        print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+    report("featurize", res)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Prints a table and writes benchmarks/out/model-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from rdkit import RDConfig
 
+from _report import report
 from flexmol.chem import Featurizer, RawInput, Rejected
 from flexmol.config import FeaturizerConfig
 from flexmol.data.collate import collate, move
@@ -123,11 +123,7 @@ def main() -> None:
         res[f"latency_{size}_ratio_2d_only"] = res[f"latency_{size}_flexmol_2d_only_ms"] / res[f"latency_{size}_unimol_style_ms"]
         res[f"params_unimol_style_{size}"] = count(base)
 
-    out = Path(__file__).with_name("out")
-    out.mkdir(exist_ok=True)
-    (out / f"model-{device.type}.json").write_text(json.dumps(res, indent=1))
-    for k, v in res.items():
-        print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}")
+    report(f"model-{device.type}", res)
 
 
 if __name__ == "__main__":

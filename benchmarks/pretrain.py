@@ -11,8 +11,8 @@ Prints a table and writes benchmarks/out/pretrain-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from _report import report
 from flexmol import config
 from flexmol.featurize import run_featurize
 
@@ -52,11 +53,8 @@ def main() -> None:
         res[f"workers_{w}_molecules_per_s"] = statistics.median(r["molecules_per_s"] for r in history)
         res[f"workers_{w}_atoms_per_s"] = statistics.median(r["atoms_per_s"] for r in history)
         res[f"workers_{w}_loader_wait_share"] = statistics.median(r["loader_wait_share"] for r in history)
-    out = Path(__file__).with_name("out")
-    out.mkdir(exist_ok=True)
-    (out / f"pretrain-{'cuda' if torch.cuda.is_available() else 'cpu'}.json").write_text(json.dumps(res, indent=1))
-    for k, v in res.items():
-        print(f"{k:36s} {v:.3f}" if isinstance(v, float) else f"{k:36s} {v}")
+    shutil.rmtree(work, ignore_errors=True)
+    report(f"pretrain-{'cuda' if torch.cuda.is_available() else 'cpu'}", res)
 
 
 if __name__ == "__main__":
