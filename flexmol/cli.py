@@ -107,6 +107,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return module["main"](["--config", args.config, *args.overrides])
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from flexmol.finetune.cli import run
+
+    return run(args, args.overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexmol", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", required=True, help="configs/pretrain/stage1.yaml or stage2.yaml")
     pre.set_defaults(func=cmd_pretrain)
 
+    from flexmol.finetune.cli import add_arguments as finetune_arguments
+
+    ft = sub.add_parser("finetune", help="LoRA fine-tuning with the MoleculeNet protocol, next to baselines",
+                        description="Fine-tune a pre-trained checkpoint on a labelled set: every model x seed on "
+                                    "the same splits; writes OUT/results.json and prints the table.")
+    finetune_arguments(ft)
+    ft.set_defaults(func=cmd_finetune)
+
     demo = sub.add_parser("demo", help="the main job on the default data (QM9 paired + MOSES 2D subsets)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--qm9-limit", type=int, default=2000)
@@ -140,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # key=value overrides may stand anywhere after the verb; argparse leaves them unparsed.
     args, rest = parser.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r or r.startswith("-")]
-    if bad or (rest and args.command not in ("featurize", "pretrain")):
+    if bad or (rest and args.command not in ("featurize", "pretrain", "finetune")):
         parser.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     args.overrides = rest
     if args.command == "featurize":

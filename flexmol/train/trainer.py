@@ -168,17 +168,14 @@ class Pretrainer:
     def export(self, directory: Path | None = None) -> Path:
         """The model as safetensors + its YAML config (rank 0 writes; every rank must call)."""
         import deepspeed
-        from omegaconf import OmegaConf
-        from safetensors.torch import save_file
+
+        from flexmol import save_pretrained
 
         directory = Path(directory or self.out / "export")
         params = list(self.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.engine.zero_optimization_stage() == 3):
             if self.rank == 0:
-                directory.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().cpu().contiguous() for k, v in self.engine.module.state_dict().items()}
-                save_file(state, str(directory / "model.safetensors"))
-                OmegaConf.save(OmegaConf.structured(self.engine.module.cfg), directory / "model.yaml")
+                save_pretrained(self.engine.module, directory)
         return directory
 
     def save(self) -> None:

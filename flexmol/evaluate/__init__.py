@@ -1,0 +1,1 @@
+"""Metrics of the fine-tuning protocol and of conformation generation."""

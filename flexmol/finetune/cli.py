@@ -1,0 +1,82 @@
+"""``flexmol finetune`` / ``launch/finetune.py``: arguments -> config -> protocol -> table."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flexmol.config import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "default.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="pre-trained export (or pre-training output_dir); without it only "
+                                        "the baselines run")
+    p.add_argument("--data", help="CSV/TSV with a SMILES column, or b3db, qm9, moleculenet:NAME")
+    p.add_argument("--smiles-column")
+    p.add_argument("--target", action="append", dest="targets", help="target column (repeat for multi-task)")
+    p.add_argument("--task", choices=("classification", "regression"))
+    p.add_argument("--metric", choices=("roc_auc", "rmse", "mae"))
+    p.add_argument("--split", choices=("scaffold", "random"))
+    p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1)")
+    p.add_argument("--mode", choices=("2d", "3d", "both"), help="input modalities")
+    p.add_argument("--baselines", nargs="*", choices=("scratch", "ecfp_rf"),
+                   help="baselines in the same table (default: scratch ecfp_rf; none: --baselines)")
+    p.add_argument("--out", help="output directory (results.json, table.txt, runs/, rejects.jsonl)")
+    p.add_argument("--config", action="append", default=[], help="YAML merged onto configs/finetune/default.yaml")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.epilog = "Any config key can follow as key=value, e.g. train.epochs=20 lora.r=16 data.limit=500."
+
+
+def config_from(args: argparse.Namespace, overrides: list[str]):
+    from flexmol.finetune.config import load
+
+    explicit: dict = {}
+    data = {k: v for k, v in (("source", args.data), ("smiles_column", args.smiles_column), ("targets", args.targets),
+                              ("task", args.task), ("metric", args.metric)) if v is not None}
+    if data:
+        explicit["data"] = data
+    if args.checkpoint:
+        explicit["checkpoint"] = args.checkpoint
+    if args.split:
+        explicit["split"] = {"kind": args.split}
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ConfigError("--seeds must be at least 1")
+        explicit["seeds"] = list(range(args.seeds))
+    if args.mode:
+        explicit["mode"] = args.mode
+    if args.baselines is not None:
+        explicit["baselines"] = args.baselines
+    if args.out:
+        explicit["out"] = args.out
+    base = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None  # the dataclass defaults are the same
+    return load(base, *args.config, explicit, overrides=overrides)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="flexmol finetune", description=__doc__)
+    add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    return run(args, rest)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+    if bad:
+        print(f"flexmol finetune: unrecognized arguments: {' '.join(bad)}", file=sys.stderr)
+        return 2
+    from flexmol.data.sources import SourceError
+    from flexmol.finetune.protocol import run_finetune, table
+
+    try:
+        cfg = config_from(args, overrides)
+        results = run_finetune(cfg)
+    except (ConfigError, SourceError, ValueError) as exc:
+        print(f"flexmol finetune: {exc}", file=sys.stderr)
+        return 2
+    if results:
+        print(table(results))
+        print(f"results: {Path(cfg.out) / 'results.json'}")
+    return 0

@@ -1,0 +1,154 @@
+"""The fine-tuning configuration (``configs/finetune/default.yaml``), overridable as ``key=value``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from flexmol import config
+from flexmol.config import ConfigError, FeaturizerConfig
+
+TASKS = ("classification", "regression")
+METRICS = {"roc_auc": "classification", "rmse": "regression", "mae": "regression"}
+MODES = ("2d", "3d", "both")
+BASELINES = ("scratch", "ecfp_rf")
+
+
+@dataclass
+class DataSection:
+    source: str = ""  # a CSV/TSV path or a named set: b3db, qm9, moleculenet:NAME
+    smiles_column: Optional[str] = None  # found by name (smiles, SMILES, ...) when not given
+    id_column: Optional[str] = None  # names molecules in rejects and predictions (default: row number)
+    targets: List[str] = field(default_factory=list)
+    task: str = "classification"
+    metric: Optional[str] = None  # roc_auc (classification), rmse (default for regression) or mae
+    limit: Optional[int] = None  # only the first N rows (quick runs)
+    num_workers: int = 2  # processes featurising the molecules
+
+
+@dataclass
+class SplitSection:
+    kind: str = "scaffold"  # scaffold (deterministic, the same for every seed) | random (per seed)
+    fractions: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = True  # False: every backbone weight is trained
+    r: int = 64
+    alpha: int = 64
+    dropout: float = 0.0
+    # Attention and feed-forward projections of every encoder, decoder and the MM encoder
+    # (peft matches module-name suffixes).
+    target_modules: List[str] = field(default_factory=lambda: ["qkv", "out", "ffn.0", "ffn.3"])
+
+
+@dataclass
+class HeadSection:
+    hidden: int = 0  # 0: the model's width
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 40
+    patience: int = 10  # epochs without a better validation metric before stopping
+    batch_size: int = 32  # molecules
+    lr: float = 3e-4
+    head_lr: Optional[float] = None  # default: lr
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    eval_batch_size: int = 128
+
+
+@dataclass
+class RandomForestSection:
+    n_estimators: int = 500
+    radius: int = 2  # ECFP4
+    bits: int = 2048
+    n_jobs: int = -1
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: Optional[str] = None  # an export (model.safetensors + model.yaml) or a pre-training output_dir
+    data: DataSection = field(default_factory=DataSection)
+    split: SplitSection = field(default_factory=SplitSection)
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    mode: str = "2d"  # input: 2d (the decoder supplies 3D), 3d (RDKit conformer), both
+    lora: LoraSection = field(default_factory=LoraSection)
+    head: HeadSection = field(default_factory=HeadSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    baselines: List[str] = field(default_factory=lambda: ["scratch", "ecfp_rf"])
+    scratch_model: str = "tiny"  # the architecture trained from scratch when there is no checkpoint
+    rf: RandomForestSection = field(default_factory=RandomForestSection)
+    featurizer: FeaturizerConfig = field(default_factory=lambda: FeaturizerConfig(num_conformers=1))
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda | cuda:N
+    save_models: bool = True  # best-validation adapters + head (or full weights) per seed
+    out: str = "outputs/finetune"
+
+
+def load(path=None, *more, overrides: Optional[List[str]] = None) -> FinetuneConfig:
+    cfg = config.build(FinetuneConfig, path, *more, overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
+def export_dir(checkpoint: str) -> Path:
+    """The export inside ``checkpoint``: the directory itself or its ``export/``."""
+    path = Path(checkpoint)
+    for cand in (path, path / "export"):
+        if (cand / "model.safetensors").is_file() and (cand / "model.yaml").is_file():
+            return cand
+    raise ConfigError(f"config key 'checkpoint': {path} holds no model.safetensors + model.yaml "
+                      "(an export, or a pre-training output_dir with export/)")
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    def fail(key, why):
+        raise ConfigError(f"config key '{key}': {why}")
+
+    if not cfg.data.source:
+        fail("data.source", "no data given (a CSV path or b3db, qm9, moleculenet:NAME)")
+    if not cfg.data.targets:
+        fail("data.targets", "name at least one target column")
+    if len(set(cfg.data.targets)) != len(cfg.data.targets):
+        fail("data.targets", f"repeated target in {cfg.data.targets}")
+    if cfg.data.task not in TASKS:
+        fail("data.task", f"'{cfg.data.task}' is not one of {', '.join(TASKS)}")
+    if cfg.data.metric is None:
+        cfg.data.metric = "roc_auc" if cfg.data.task == "classification" else "rmse"
+    if METRICS.get(cfg.data.metric) != cfg.data.task:
+        fail("data.metric", f"'{cfg.data.metric}' does not go with {cfg.data.task} "
+                            f"(classification: roc_auc; regression: rmse, mae)")
+    if cfg.split.kind not in ("scaffold", "random"):
+        fail("split.kind", f"'{cfg.split.kind}' is not one of scaffold, random")
+    fr = cfg.split.fractions
+    if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+        fail("split.fractions", f"{list(fr)} must be three positive numbers summing to 1")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        fail("seeds", f"{list(cfg.seeds)}: give distinct seeds")
+    if cfg.mode not in MODES:
+        fail("mode", f"'{cfg.mode}' is not one of {', '.join(MODES)}")
+    if cfg.lora.r < 1:
+        fail("lora.r", "must be positive")
+    if not cfg.lora.target_modules:
+        fail("lora.target_modules", "empty")
+    unknown = [b for b in cfg.baselines if b not in BASELINES]
+    if unknown:
+        fail("baselines", f"{unknown} unknown; choose from {', '.join(BASELINES)}")
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 1 or t.eval_batch_size < 1 or t.patience < 1:
+        fail("train", "epochs, batch_size, eval_batch_size and patience must be positive")
+    if not 0 <= t.warmup_ratio < 1:
+        fail("train.warmup_ratio", "must be in [0, 1)")
+    if cfg.checkpoint:
+        export_dir(cfg.checkpoint)
+    else:
+        from flexmol.model.summary import model_config
+
+        model_config(cfg.scratch_model)
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        fail("device", f"'{cfg.device}' is not auto, cpu, cuda or cuda:N")
+    config.validate_featurizer(cfg.featurizer)

@@ -1,0 +1,207 @@
+"""The fine-tuning protocol: every model (the pre-trained checkpoint with LoRA, then the baselines)
+x every seed on the same splits, results per run on disk as they finish (a rerun resumes), and
+the summary ``results.json`` with the table.
+
+Runs are independent; under a launcher (``WORLD_SIZE`` > 1) rank r takes runs r, r + W, ...,
+and rank 0 writes the summary once every rank is done.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexmol import config
+from flexmol.finetune.config import FinetuneConfig, export_dir
+from flexmol.finetune.data import TaskData, load_task_data
+from flexmol.finetune.split import Split, make_split
+from flexmol.finetune.trainer import console
+
+
+def _device(cfg: FinetuneConfig) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def model_names(cfg: FinetuneConfig) -> list[str]:
+    return (["flexmol"] if cfg.checkpoint else []) + list(cfg.baselines)
+
+
+def backbone(cfg: FinetuneConfig, pretrained: bool):
+    """The pre-trained FlexMol of ``cfg.checkpoint``, or a freshly initialised one of the same shape."""
+    from flexmol import load_pretrained
+    from flexmol.model import FlexMol, ModelConfig
+    from flexmol.model.summary import model_config
+
+    if pretrained:
+        return load_pretrained(export_dir(cfg.checkpoint)).train()
+    if cfg.checkpoint:
+        return FlexMol(config.build(ModelConfig, export_dir(cfg.checkpoint) / "model.yaml"))
+    return FlexMol(model_config(cfg.scratch_model))
+
+
+def run_digest(cfg: FinetuneConfig) -> str:
+    """What a run's result depends on (not the device, the output folder or which baselines)."""
+    d = config.to_dict(cfg)
+    for k in ("device", "out", "baselines", "seeds", "save_models"):
+        d.pop(k, None)
+    d["data"].pop("num_workers", None)
+    if cfg.checkpoint:
+        d["checkpoint_sha256"] = hashlib.sha256((export_dir(cfg.checkpoint) / "model.safetensors").read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _run_one(name: str, seed: int, data: TaskData, split: Split, cfg: FinetuneConfig, run_dir: Path, device) -> dict:
+    metric = cfg.data.metric
+    label = f"[{name} seed {seed}]"
+    if name == "ecfp_rf":
+        from flexmol.finetune.baselines import ecfp, random_forest_seed
+
+        console(f"{label} ECFP{2 * cfg.rf.radius} ({cfg.rf.bits} bits) + random forest ({cfg.rf.n_estimators} trees)")
+        result = random_forest_seed(ecfp(data.smiles, cfg.rf.radius, cfg.rf.bits), data.labels, split, seed,
+                                    data.task, metric, cfg.rf)
+    else:
+        from flexmol.finetune.model import build_task_model, save_task_model
+        from flexmol.finetune.trainer import train_seed
+
+        torch.manual_seed(seed)  # the head's (and the scratch model's) initialisation
+        pretrained = name == "flexmol"
+        model = build_task_model(
+            backbone(cfg, pretrained), data.labels.shape[1], lora=pretrained and cfg.lora.enabled, r=cfg.lora.r,
+            alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
+            head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout).to(device)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        console(f"{label} {'LoRA r=%d' % cfg.lora.r if pretrained and cfg.lora.enabled else 'all weights'}: "
+                f"{n_train:,} of {n_all:,} parameters trained; mode {cfg.mode}")
+        result = train_seed(model, data, split, seed, cfg, metric, device, label, console)
+        if cfg.save_models:
+            save_task_model(model, run_dir / "model", {"model": name, "seed": seed, "targets": data.targets,
+                                                       "task": data.task, "mode": cfg.mode, "checkpoint": cfg.checkpoint})
+    pred = result.pop("_test_pred")
+    _write_predictions(run_dir / "test_predictions.csv", data, split.test, pred)
+    console(f"{label} test {metric} {result['test']:.4f} (valid {result['valid']:.4f})")
+    return result
+
+
+def _write_predictions(path: Path, data: TaskData, idx: np.ndarray, pred: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "smiles"] + [f"{t}" for t in data.targets] + [f"pred_{t}" for t in data.targets])
+        for i, p in zip(idx, pred):
+            rec = data.records[i]
+            w.writerow([rec["id"], rec["smiles"], *data.labels[i].tolist(), *np.asarray(p).tolist()])
+
+
+def _summary(runs: list[dict], metric: str) -> dict:
+    tests = [r["test"] for r in runs]
+    return {"metric": metric, "mean": float(np.mean(tests)), "std": float(np.std(tests)),
+            "per_seed": tests, "valid_mean": float(np.mean([r["valid"] for r in runs])),
+            "seeds": [r["seed"] for r in runs]}
+
+
+def table(results: dict) -> str:
+    metric = results["metric"]
+    head = f"{results['data']['source']} — {metric}, {results['split']['kind']} split, {len(results['seeds'])} seeds, " \
+           f"mode {results['mode']} (test at the best validation epoch)"
+    lines = [head, f"{'model':<10} {'test':>17} {'valid':>8}  per seed"]
+    for name, s in results["models"].items():
+        per = " ".join(f"{v:.3f}" for v in s["per_seed"])
+        lines.append(f"{name:<10} {s['mean']:>8.3f} ± {s['std']:<6.3f} {s['valid_mean']:>8.3f}  {per}")
+    return "\n".join(lines)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Run the protocol; returns (and, on rank 0, writes) the summary."""
+    import torch.distributed as dist
+
+    out = Path(cfg.out)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    device = _device(cfg)
+    digest = run_digest(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    modality = "2d" if cfg.mode == "2d" else "paired"
+
+    def load(progress):
+        return load_task_data(cfg.data.source, cfg.data.targets, cfg.data.task, smiles_column=cfg.data.smiles_column,
+                              id_column=cfg.data.id_column, modality=modality, featurizer=cfg.featurizer, limit=cfg.data.limit,
+                              workers=cfg.data.num_workers, cache_dir=out / "cache", progress=progress)
+
+    if rank == 0:
+        data = load(True)
+    if distributed:  # the other ranks read rank 0's cache
+        dist.barrier()
+    if rank != 0:
+        data = load(False)
+    if not data.records:
+        raise ValueError(f"{cfg.data.source}: no usable molecule ({data.summary()})")
+    if rank == 0:
+        console(f"[finetune] {cfg.data.source}: {data.summary()}")
+        with open(out / "rejects.jsonl", "w") as f:
+            for r in data.rejects:
+                f.write(json.dumps(r) + "\n")
+
+    splits = {seed: make_split(cfg.split.kind, data.smiles, seed, cfg.split.fractions) for seed in cfg.seeds}
+    jobs = [(name, seed) for name in model_names(cfg) for seed in cfg.seeds]
+    for j, (name, seed) in enumerate(jobs):
+        if j % world != rank:
+            continue
+        run_dir = out / "runs" / name / f"seed{seed}"
+        done = run_dir / "result.json"
+        if done.is_file():
+            prev = json.loads(done.read_text())
+            if prev.get("digest") == digest:
+                console(f"[{name} seed {seed}] done before: test {prev['test']:.4f} ({done})")
+                continue
+            console(f"[{name} seed {seed}] {done} is from another configuration; running again")
+        result = _run_one(name, seed, data, splits[seed], cfg, run_dir, device)
+        result.update(model=name, digest=digest, split=splits[seed].sizes())
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(done)
+    if distributed:
+        dist.barrier()
+    if rank != 0:
+        return {}
+
+    metric = cfg.data.metric
+    models = {}
+    for name in model_names(cfg):
+        runs = [json.loads((out / "runs" / name / f"seed{s}" / "result.json").read_text()) for s in cfg.seeds]
+        models[name] = _summary(runs, metric)
+    first = models[model_names(cfg)[0]]
+    split0 = splits[cfg.seeds[0]]
+    results = {
+        **first, "model": model_names(cfg)[0], "models": models,
+        "data": {"source": cfg.data.source, "targets": cfg.data.targets, "task": cfg.data.task, "rows": data.read,
+                 "molecules": len(data.records), "rejected": len(data.rejects),
+                 "rejected_by_reason": _count(data.rejects)},
+        "split": {"kind": cfg.split.kind, "fractions": list(cfg.split.fractions), **split0.sizes()},
+        "mode": cfg.mode, "checkpoint": cfg.checkpoint, "lora": asdict(cfg.lora) if cfg.checkpoint else None,
+        "config_digest": digest,
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+    (out / "table.txt").write_text(table(results) + "\n")
+    return results
+
+
+def _count(rejects: list[dict]) -> dict:
+    counts: dict = {}
+    for r in rejects:
+        counts[r["code"]] = counts.get(r["code"], 0) + 1
+    return counts

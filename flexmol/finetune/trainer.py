@@ -1,0 +1,162 @@
+"""One fine-tuning run (one model, one split, one seed): epochs over the training part, the metric
+on validation and test after each, early stopping on validation, the test metric reported at the
+best validation epoch and that epoch's weights kept."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flexmol.data.collate import collate, move
+from flexmol.evaluate.metrics import better, score
+from flexmol.finetune.data import TaskData
+from flexmol.finetune.model import BATCH_MODALITY, TaskModel, trainable_state
+from flexmol.finetune.split import Split
+
+
+@dataclass
+class Standardizer:
+    """Regression targets as (y - mean) / std with train-part statistics, per task."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, y: np.ndarray) -> "Standardizer":
+        mean = np.nanmean(y, axis=0)
+        std = np.nanstd(y, axis=0)
+        return cls(np.nan_to_num(mean), np.where(np.nan_to_num(std) > 0, std, 1.0))
+
+    def forward(self, y):
+        return (y - self.mean) / self.std
+
+    def inverse(self, y):
+        return y * self.std + self.mean
+
+
+class Batches:
+    """Collated batches of a part of the set, in the input mode's modality."""
+
+    def __init__(self, data: TaskData, mode: str, max_spd: int, max_path: int):
+        modality = BATCH_MODALITY[mode]
+        self.records = [r if r["modality"] == modality else {**r, "modality": modality} for r in data.records]
+        self.max_spd, self.max_path = max_spd, max_path
+
+    def __call__(self, idx) -> dict:
+        return collate([self.records[i] for i in idx], self.max_spd, self.max_path)
+
+
+def lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def predict(model: TaskModel, batches: Batches, idx: np.ndarray, batch_size: int, device) -> np.ndarray:
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for s in range(0, len(idx), batch_size):
+            outs.append(model(move(batches(idx[s:s + batch_size]), device)).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, 1))
+
+
+def _loss(logits, y, task):
+    mask = ~torch.isnan(y)
+    target = torch.nan_to_num(y)
+    if task == "classification":
+        per = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    else:
+        per = (logits - target) ** 2
+    return (per * mask).sum() / mask.sum().clamp(min=1)
+
+
+def train_seed(model: TaskModel, data: TaskData, split: Split, seed: int, cfg, metric: str, device,
+               label: str = "", log=None) -> dict:
+    """Train ``model`` on ``split.train``; returns the run's record (metrics at the best validation
+    epoch, per-epoch history) and leaves the best epoch's weights in ``model``."""
+    t = cfg.train
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    batches = Batches(data, cfg.mode, model_max_spd(model), model_max_path(model))
+    task = data.task
+    y_all = data.labels
+    scaler = Standardizer.fit(y_all[split.train]) if task == "regression" else None
+    y_train = scaler.forward(y_all) if scaler else y_all
+
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    body = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": body, "lr": t.lr}, {"params": head, "lr": t.head_lr or t.lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=t.weight_decay)
+    steps_per_epoch = math.ceil(len(split.train) / t.batch_size)
+    total = steps_per_epoch * t.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(t.warmup_ratio * total))))
+
+    def evaluate(idx):
+        pred = predict(model, batches, idx, t.eval_batch_size, device)
+        if scaler:
+            pred = scaler.inverse(pred)
+        else:
+            pred = 1 / (1 + np.exp(-pred))
+        return score(metric, y_all[idx], pred), pred
+
+    best, best_state, best_epoch, since, history = None, None, -1, 0, []
+    start = time.perf_counter()
+    for epoch in range(t.epochs):
+        model.train()
+        perm = rng.permutation(split.train)
+        losses = []
+        for s in range(0, len(perm), t.batch_size):
+            idx = perm[s:s + t.batch_size]
+            batch = move(batches(idx), device)
+            y = torch.as_tensor(y_train[idx], dtype=torch.float32, device=device)
+            loss = _loss(model(batch).float(), y, task)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        valid, _ = evaluate(split.valid)
+        test, _ = evaluate(split.test)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid": valid, "test": test})
+        if better(metric, valid, best):
+            best, best_epoch, since = valid, epoch, 0
+            best_state = trainable_state(model)
+        else:
+            since += 1
+        if log:
+            log(f"{label} epoch {epoch + 1}/{t.epochs} loss {np.mean(losses):.4f} valid {metric} {valid:.4f} "
+                f"test {test:.4f} (best epoch {best_epoch + 1}) {time.perf_counter() - start:.0f}s")
+        if since >= t.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    test, pred = evaluate(split.test)
+    return {"seed": seed, "best_epoch": best_epoch + 1, "epochs_run": len(history), "valid": best, "test": test,
+            "seconds": round(time.perf_counter() - start, 1), "history": history, "_test_pred": pred}
+
+
+def model_max_spd(model: TaskModel) -> int:
+    return _flexmol(model).cfg.max_spd
+
+
+def model_max_path(model: TaskModel) -> int:
+    return _flexmol(model).cfg.max_path
+
+
+def _flexmol(model: TaskModel):
+    body = model.backbone
+    return body.get_base_model() if hasattr(body, "get_base_model") else body
+
+
+def console(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

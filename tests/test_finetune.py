@@ -1,0 +1,214 @@
+"""Fine-tuning: splits, LoRA, input modes, labels and rejects, the protocol's results and resume."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rdkit import Chem
+from rdkit.Chem import Crippen
+
+from flexmol import save_pretrained
+from flexmol.chem.scaffold import murcko_scaffold
+from flexmol.config import ConfigError
+from flexmol.evaluate.metrics import mae, rmse, roc_auc
+from flexmol.finetune import config as ftconfig
+from flexmol.finetune.cli import main as finetune_main
+from flexmol.finetune.data import load_task_data
+from flexmol.finetune.model import build_task_model
+from flexmol.finetune.split import make_split, random_split, scaffold_split
+from flexmol.finetune.trainer import train_seed
+from flexmol.model import FlexMol
+from flexmol.model.summary import model_config
+
+SHARED_BBBP = Path(__file__).resolve().parents[2] / "shared" / "data" / "moleculenet" / "BBBP.csv"
+
+
+def _nci(nci_smi, n):
+    """The first ``n`` single-fragment NCI molecules of 5-30 heavy atoms that RDKit parses."""
+    out = []
+    for line in open(nci_smi):
+        smi = line.split()[0]
+        mol = Chem.MolFromSmiles(smi)
+        if mol is not None and "." not in smi and 5 <= mol.GetNumHeavyAtoms() <= 30:
+            out.append((smi, mol))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled_csv(nci_smi, tmp_path_factory):
+    """Real NCI molecules with RDKit-computed targets (Crippen logP, and logP > 2 as a class), one
+    unparseable SMILES, one non-numeric label and one row without labels."""
+    path = tmp_path_factory.mktemp("ft") / "set.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["smiles", "logp", "lipophilic", "name"])
+        for i, (smi, mol) in enumerate(_nci(nci_smi, 160)):
+            logp = Crippen.MolLogP(mol)
+            cls = "" if i % 7 == 3 else int(logp > 2)  # missing labels in the classification column
+            w.writerow([smi, f"{logp:.3f}", cls, f"m{i}"])
+        w.writerow(["C1CC(", "1.0", "1", "broken"])
+        w.writerow(["CCO", "n/a", "0", "badlabel"])
+        w.writerow(["CCN", "", "", "unlabelled"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    cfg.dim, cfg.heads, cfg.num_kernels = 32, 4, 16
+    return save_pretrained(FlexMol(cfg), tmp_path_factory.mktemp("export"))
+
+
+# ----------------------------------------------------------------------------------------- splits
+
+def _bbbp_or_nci(nci_smi):
+    if SHARED_BBBP.is_file():
+        with open(SHARED_BBBP) as f:
+            smiles = [r["smiles"] for r in csv.DictReader(f)]
+        return [s for s in smiles if Chem.MolFromSmiles(s) is not None]
+    return [s for s, _ in _nci(nci_smi, 1500)]
+
+
+def test_scaffold_split_is_deterministic_and_keeps_scaffolds_apart(nci_smi):
+    smiles = _bbbp_or_nci(nci_smi)
+    a = scaffold_split(smiles)
+    b = make_split("scaffold", list(smiles), seed=7)  # seeds do not change a scaffold split
+    for part in ("train", "valid", "test"):
+        assert np.array_equal(getattr(a, part), getattr(b, part))
+    idx = np.concatenate([a.train, a.valid, a.test])
+    assert sorted(idx.tolist()) == list(range(len(smiles)))
+    scaf = [murcko_scaffold(s) for s in smiles]
+    parts = [{scaf[i] for i in getattr(a, p)} for p in ("train", "valid", "test")]
+    assert not parts[0] & parts[2] and not parts[0] & parts[1] and not parts[1] & parts[2]
+    n = len(smiles)
+    assert 0.7 * n <= len(a.train) <= 0.8 * n and len(a.train) + len(a.valid) <= 0.9 * n
+    assert len(a.valid) > 0 and len(a.test) > 0
+
+
+def test_random_split_depends_on_seed():
+    a, b, c = random_split(100, 0), random_split(100, 0), random_split(100, 1)
+    assert np.array_equal(a.test, b.test) and not np.array_equal(a.test, c.test)
+    assert a.sizes() == {"train": 80, "valid": 10, "test": 10}
+
+
+def test_split_fraction_errors():
+    with pytest.raises(ValueError, match="summing to 1"):
+        scaffold_split(["CCO", "c1ccccc1"], (0.5, 0.2, 0.2))
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+def test_metrics_ignore_missing_labels():
+    y = np.array([[1, np.nan], [0, 1], [1, 0], [0, np.nan]], dtype=float)
+    s = np.array([[0.9, 0.0], [0.1, 0.8], [0.8, 0.3], [0.2, 0.9]])
+    assert roc_auc(y, s) == pytest.approx(1.0)  # task 2's unlabelled rows would make it 0.5
+    y1 = np.array([[1.0], [np.nan], [3.0]])
+    p1 = np.array([[2.0], [100.0], [3.0]])
+    assert rmse(y1, p1) == pytest.approx(math.sqrt(0.5)) and mae(y1, p1) == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------- data, LoRA
+
+def test_labels_and_rejects_are_reported(labelled_csv):
+    data = load_task_data(str(labelled_csv), ["logp", "lipophilic"], "regression", id_column="name", workers=1,
+                          progress=False)
+    codes = {r["id"]: r["code"] for r in data.rejects}
+    assert codes["broken"] == "invalid_smiles"
+    assert codes["badlabel"] == "bad_label" and codes["unlabelled"] == "no_label"
+    assert len(data.records) + len(data.rejects) == data.read == 163
+    assert np.isnan(data.labels[:, 1]).sum() > 0 and not np.isnan(data.labels[:, 0]).any()
+    with pytest.raises(Exception, match="not in"):
+        load_task_data(str(labelled_csv), ["nope"], "regression", workers=1, progress=False)
+    cls = load_task_data(str(labelled_csv), ["logp"], "classification", workers=1, progress=False)
+    assert {r["code"] for r in cls.rejects} >= {"bad_label"}  # logP values are not class labels
+
+
+@pytest.fixture(scope="module")
+def paired_data(labelled_csv):
+    return load_task_data(str(labelled_csv), ["lipophilic"], "classification", modality="paired", workers=2,
+                          progress=False, limit=60)
+
+
+def _cfg(mode, **train):
+    cfg = ftconfig.FinetuneConfig()
+    cfg.mode = mode
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.patience = train.get("epochs", 2), 16, 5
+    return cfg
+
+
+def test_lora_trains_only_adapters_and_head(paired_data, tiny_export):
+    from flexmol import load_pretrained
+
+    base = load_pretrained(tiny_export)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = build_task_model(base.train(), 1, lora=True, r=8, alpha=16)
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in k or k.startswith("head.") for k in trainable)
+    assert any(".shared_attention.0.qkv.lora_A" in k for k in trainable)
+    assert any("mm_encoder.body.layers.0.ffn.3.lora_B" in k for k in trainable)
+    split = make_split("random", [r["smiles"] for r in paired_data.records], 0)
+    train_seed(model, paired_data, split, 0, _cfg("2d"), "roc_auc", torch.device("cpu"))
+    after = model.backbone.get_base_model().state_dict()
+    for k, v in before.items():  # peft renames the wrapped linears' weights to base_layer.*
+        k2 = k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias") if k not in after else k
+        assert torch.equal(after[k2], v), k
+    assert any(not torch.equal(v, model.head.state_dict()[k]) for k, v in head_before.items())
+    lora_b = [p for k, p in model.named_parameters() if "lora_B" in k]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: the adapters did train
+
+
+@pytest.mark.parametrize("mode", ["2d", "3d", "both"])
+def test_input_modes_run(paired_data, tiny_export, mode):
+    from flexmol import load_pretrained
+
+    model = build_task_model(load_pretrained(tiny_export).train(), 1, lora=True, r=4, alpha=8)
+    split = make_split("scaffold", [r["smiles"] for r in paired_data.records], 0)
+    res = train_seed(model, paired_data, split, 0, _cfg(mode, epochs=1), "roc_auc", torch.device("cpu"))
+    assert res["epochs_run"] == 1 and res["_test_pred"].shape == (len(split.test), 1)
+    assert np.isfinite(res["history"][0]["loss"])
+
+
+# -------------------------------------------------------------------------------------- protocol
+
+def test_finetune_command_writes_results_and_resumes(labelled_csv, tiny_export, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["--checkpoint", str(tiny_export), "--data", str(labelled_csv), "--smiles-column", "smiles",
+            "--target", "logp", "--task", "regression", "--split", "scaffold", "--seeds", "2", "--out", str(out),
+            "train.epochs=2", "train.batch_size=32", "lora.r=4", "rf.n_estimators=20", "data.num_workers=1"]
+    assert finetune_main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["metric"] == "rmse" and res["model"] == "flexmol" and len(res["per_seed"]) == 2
+    assert res["mean"] == pytest.approx(np.mean(res["per_seed"])) and res["std"] == pytest.approx(np.std(res["per_seed"]))
+    assert set(res["models"]) == {"flexmol", "scratch", "ecfp_rf"}
+    d = res["data"]
+    assert d["rejected_by_reason"]["bad_label"] == 1 and d["rejected_by_reason"]["invalid_smiles"] == 1
+    assert d["molecules"] + d["rejected"] == d["rows"] == 163
+    assert res["split"]["train"] + res["split"]["valid"] + res["split"]["test"] == d["molecules"]
+    rejects = [json.loads(line) for line in open(out / "rejects.jsonl")]
+    assert len(rejects) == d["rejected"]
+    for name in ("flexmol", "scratch"):
+        assert (out / "runs" / name / "seed0" / "model").is_dir()
+    assert (out / "runs" / "flexmol" / "seed0" / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "ecfp_rf" in printed and "scratch" in printed
+    # a second run finds every result and trains nothing
+    assert finetune_main(argv) == 0
+    assert "done before" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["per_seed"] == res["per_seed"]
+
+
+def test_finetune_config_errors(labelled_csv, tmp_path):
+    base = ["--data", str(labelled_csv), "--target", "logp", "--out", str(tmp_path)]
+    with pytest.raises(ConfigError, match="data.metric"):
+        ftconfig.load(overrides=["data.source=x", "data.targets=[a]", "data.task=regression", "data.metric=roc_auc"])
+    with pytest.raises(ConfigError, match="checkpoint"):
+        ftconfig.load(overrides=["data.source=x", "data.targets=[a]", f"checkpoint={tmp_path}"])
+    assert finetune_main(base + ["--task", "regression", "mode=4d"]) == 2
+    assert finetune_main(base + ["--task", "regression", "--target", "missing_column"]) == 2
