@@ -49,6 +49,10 @@ class Featurizer:
 
     def __call__(self, raw: RawInput) -> dict:
         """The record of ``raw``; raises :class:`Rejected` with the reason when it cannot be made."""
+        return self.with_molecule(raw)[0]
+
+    def with_molecule(self, raw: RawInput) -> tuple[dict, Chem.Mol]:
+        """The record and the RDKit molecule whose atoms are its nodes, in the same order."""
         cfg = self.cfg
         if raw.error:
             raise Rejected("malformed_record", raw.error, raw.text or None)
@@ -114,7 +118,7 @@ class Featurizer:
             record["labels"] = raw.labels
         if stripped:
             record["fragments_stripped"] = True
-        return record
+        return record, nodes
 
 
 _SYMBOL = re.compile(r"[A-Z][a-z]?")
