@@ -83,9 +83,11 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flexmol.demo import run_demo
+    from flexmol.demo import DemoConfig, run_demo
 
-    return run_demo(out=Path(args.out), qm9_limit=args.qm9_limit, moses_limit=args.moses_limit)
+    fields = DemoConfig.__dataclass_fields__
+    cfg = DemoConfig(**{k: getattr(args, k) for k in fields})
+    return run_demo(cfg)
 
 
 def cmd_model_summary(args: argparse.Namespace) -> int:
@@ -249,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_arguments(ft)
     ft.set_defaults(func=cmd_finetune)
 
-    demo = sub.add_parser("demo", help="the main job on the default data (QM9 paired + MOSES 2D subsets)")
-    demo.add_argument("--out", default="outputs/demo")
-    demo.add_argument("--qm9-limit", type=int, default=2000)
-    demo.add_argument("--moses-limit", type=int, default=20000)
+    demo = sub.add_parser("demo", help="the main job on the default data: featurise, pre-train, fine-tune on "
+                                       "B3DB, score conformers")
+    from flexmol.demo import DemoConfig
+
+    for name, f in DemoConfig.__dataclass_fields__.items():
+        demo.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
     demo.set_defaults(func=cmd_demo)
     return parser
 

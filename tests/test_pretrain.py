@@ -7,13 +7,9 @@ import pytest
 from flexmol import config
 from flexmol.featurize import run_featurize
 
+from conftest import child_env
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def child_env(**extra):
-    """This process's environment without the rendezvous variables an in-process run set."""
-    return {**{k: v for k, v in os.environ.items() if k not in _DIST_VARS}, "DS_ACCELERATOR": "cpu", **extra}
 
 
 @pytest.fixture(scope="module")

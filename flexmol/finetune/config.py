@@ -23,6 +23,8 @@ class DataSection:
     task: str = "classification"
     metric: Optional[str] = None  # roc_auc (classification), rmse (default for regression) or mae
     limit: Optional[int] = None  # only the first N rows (quick runs)
+    subsample: Optional[int] = None  # then a random N of them (seeded; files are often sorted by label)
+    subsample_seed: int = 0
     num_workers: int = 2  # processes featurising the molecules
 
 
@@ -122,6 +124,9 @@ def validate(cfg: FinetuneConfig) -> None:
     if METRICS.get(cfg.data.metric) != cfg.data.task:
         fail("data.metric", f"'{cfg.data.metric}' does not go with {cfg.data.task} "
                             f"(classification: roc_auc; regression: rmse, mae)")
+    for key in ("limit", "subsample"):
+        if getattr(cfg.data, key) is not None and getattr(cfg.data, key) < 1:
+            fail(f"data.{key}", "must be at least 1")
     if cfg.split.kind not in ("scaffold", "random"):
         fail("split.kind", f"'{cfg.split.kind}' is not one of scaffold, random")
     fr = cfg.split.fractions

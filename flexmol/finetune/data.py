@@ -93,7 +93,10 @@ def featurize_inputs(raws, cfg: FeaturizerConfig, modality: str, workers: int, p
         results = map(_featurize_chunk, chunks)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
+        # fork: the workers only run RDKit (never torch), and unlike spawn it needs no
+        # ``if __name__ == "__main__"`` guard in the caller's script.
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init,
                                    initargs=(asdict(cfg), modality))
         results = pool.map(_featurize_chunk, chunks)
     try:
@@ -159,10 +162,12 @@ def _cache_key(source, opts: SourceOptions, cfg: FeaturizerConfig, modality: str
 
 def load_task_data(source_spec: str, targets: list[str], task: str, *, smiles_column=None, id_column=None,
                    modality: str = "2d",
-                   featurizer: FeaturizerConfig | None = None, limit=None, workers: int = 2,
+                   featurizer: FeaturizerConfig | None = None, limit=None, subsample=None, subsample_seed: int = 0,
+                   workers: int = 2,
                    cache_dir: Path | None = None, progress: bool = True) -> TaskData:
     """Read ``source_spec`` (a CSV/TSV path or a named set), featurise it for ``modality``
-    (``2d``; ``paired`` for the 3D input modes) and attach ``targets`` as a label matrix."""
+    (``2d``; ``paired`` for the 3D input modes) and attach ``targets`` as a label matrix.
+    ``limit`` keeps the first N rows; ``subsample`` then a seeded random N of them."""
     from itertools import islice
 
     from flexmol.data.sources import open_source
@@ -172,7 +177,8 @@ def load_task_data(source_spec: str, targets: list[str], task: str, *, smiles_co
     source = open_source(source_spec, opts)
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"features-{_cache_key(source, opts, cfg, modality, limit)}.msgpack"
+        key = _cache_key(source, opts, cfg, modality, [limit, subsample, subsample_seed])
+        cache = Path(cache_dir) / f"features-{key}.msgpack"
         if cache.is_file():
             blob = msgpack.unpackb(cache.read_bytes(), raw=False)
             records = [schema.decode(b) for b in blob["records"]]
@@ -181,7 +187,12 @@ def load_task_data(source_spec: str, targets: list[str], task: str, *, smiles_co
     counter = {"n": 0}
 
     def counted():
-        for raw in islice(iter(source), limit):
+        rows = islice(iter(source), limit)
+        if subsample is not None:  # a seeded random subset, in input order (files are often sorted by label)
+            rows = list(rows)
+            keep = np.sort(np.random.default_rng(subsample_seed).permutation(len(rows))[:subsample])
+            rows = [rows[i] for i in keep]
+        for raw in rows:
             counter["n"] += 1
             yield raw
 

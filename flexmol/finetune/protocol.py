@@ -138,6 +138,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     def load(progress):
         return load_task_data(cfg.data.source, cfg.data.targets, cfg.data.task, smiles_column=cfg.data.smiles_column,
                               id_column=cfg.data.id_column, modality=modality, featurizer=cfg.featurizer, limit=cfg.data.limit,
+                              subsample=cfg.data.subsample, subsample_seed=cfg.data.subsample_seed,
                               workers=cfg.data.num_workers, cache_dir=out / "cache", progress=progress)
 
     if rank == 0:
