@@ -179,10 +179,21 @@ def test_input_modes_run(paired_data, tiny_export, mode):
 
 def test_finetune_command_writes_results_and_resumes(labelled_csv, tiny_export, tmp_path, capsys):
     out = tmp_path / "ft"
-    argv = ["--checkpoint", str(tiny_export), "--data", str(labelled_csv), "--smiles-column", "smiles",
-            "--target", "logp", "--task", "regression", "--split", "scaffold", "--seeds", "2", "--out", str(out),
-            "train.epochs=2", "train.batch_size=32", "lora.r=4", "rf.n_estimators=20", "data.num_workers=1"]
+    common = ["--data", str(labelled_csv), "--smiles-column", "smiles", "--target", "logp", "--task", "regression",
+              "--split", "scaffold", "--seeds", "2", "--out", str(out), "train.epochs=2", "train.batch_size=32",
+              "lora.r=4", "rf.n_estimators=20", "data.num_workers=1"]
+    shape = [f"scratch_model={tiny_export / 'model.yaml'}"]
+    # the baselines first, before any checkpoint exists ...
+    assert finetune_main(common + shape) == 0
+    baseline_only = json.loads((out / "results.json").read_text())
+    assert baseline_only["model"] == "scratch" and set(baseline_only["models"]) == {"scratch", "ecfp_rf"}
+    capsys.readouterr()
+    # ... are reused by the run with the checkpoint, which trains only the pre-trained model
+    argv = ["--checkpoint", str(tiny_export)] + common
     assert finetune_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "[scratch seed 1] done before" in err and "[ecfp_rf seed 0] done before" in err
+    assert "[flexmol seed 0] epoch 1/2" in err
     res = json.loads((out / "results.json").read_text())
     assert res["metric"] == "rmse" and res["model"] == "flexmol" and len(res["per_seed"]) == 2
     assert res["mean"] == pytest.approx(np.mean(res["per_seed"])) and res["std"] == pytest.approx(np.std(res["per_seed"]))
@@ -196,11 +207,11 @@ def test_finetune_command_writes_results_and_resumes(labelled_csv, tiny_export, 
     for name in ("flexmol", "scratch"):
         assert (out / "runs" / name / "seed0" / "model").is_dir()
     assert (out / "runs" / "flexmol" / "seed0" / "model" / "adapter" / "adapter_model.safetensors").is_file()
-    printed = capsys.readouterr().out
-    assert "ecfp_rf" in printed and "scratch" in printed
+    table = (out / "table.txt").read_text()
+    assert "ecfp_rf" in table and "scratch" in table and "flexmol" in table
     # a second run finds every result and trains nothing
     assert finetune_main(argv) == 0
-    assert "done before" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("done before") == 6
     assert json.loads((out / "results.json").read_text())["per_seed"] == res["per_seed"]
 
 
@@ -212,3 +223,18 @@ def test_finetune_config_errors(labelled_csv, tmp_path):
         ftconfig.load(overrides=["data.source=x", "data.targets=[a]", f"checkpoint={tmp_path}"])
     assert finetune_main(base + ["--task", "regression", "mode=4d"]) == 2
     assert finetune_main(base + ["--task", "regression", "--target", "missing_column"]) == 2
+
+
+def test_bucketed_epochs_cover_the_training_set_once():
+    from flexmol.finetune.trainer import epoch_batches
+
+    train = np.arange(5, 105)
+    sizes = np.random.default_rng(0).integers(3, 60, size=120)
+    for bucket in (1, 4):
+        batches = epoch_batches(train, sizes, 16, bucket, np.random.default_rng(1))
+        assert sorted(np.concatenate(batches).tolist()) == train.tolist()
+        assert all(len(b) <= 16 for b in batches)
+    sorted_runs = epoch_batches(train, sizes, 16, 4, np.random.default_rng(1))
+    plain = epoch_batches(train, sizes, 16, 1, np.random.default_rng(1))
+    width = lambda bs: sum(len(b) * sizes[b].max() for b in bs)  # noqa: E731  padded atoms
+    assert width(sorted_runs) < width(plain)

@@ -56,6 +56,7 @@ class TrainSection:
     epochs: int = 40
     patience: int = 10  # epochs without a better validation metric before stopping
     batch_size: int = 32  # molecules
+    bucket: int = 8  # sort each run of N batches by molecule size (less padding); 1: plain shuffling
     lr: float = 3e-4
     head_lr: Optional[float] = None  # default: lr
     weight_decay: float = 0.01

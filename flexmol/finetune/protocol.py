@@ -49,15 +49,24 @@ def backbone(cfg: FinetuneConfig, pretrained: bool):
     return FlexMol(model_config(cfg.scratch_model))
 
 
-def run_digest(cfg: FinetuneConfig) -> str:
-    """What a run's result depends on (not the device, the output folder or which baselines)."""
+def run_digest(cfg: FinetuneConfig, name: str) -> str:
+    """What model ``name``'s result for a seed depends on, and nothing else (not the device, the
+    output folder, the other models or seeds): baselines run before a checkpoint exists are reused
+    once it does, and a changed setting reruns only the runs it affects."""
     d = config.to_dict(cfg)
-    for k in ("device", "out", "baselines", "seeds", "save_models"):
-        d.pop(k, None)
-    d["data"].pop("num_workers", None)
-    if cfg.checkpoint:
-        d["checkpoint_sha256"] = hashlib.sha256((export_dir(cfg.checkpoint) / "model.safetensors").read_bytes()).hexdigest()
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    keep = {"data": {k: v for k, v in d["data"].items() if k != "num_workers"}, "split": d["split"],
+            "featurizer": d["featurizer"], "mode": d["mode"]}
+    if name == "ecfp_rf":
+        keep["rf"] = d["rf"]
+    else:
+        keep.update(head=d["head"], train=d["train"])
+        if name == "flexmol":
+            keep["lora"] = d["lora"]
+            keep["checkpoint_sha256"] = hashlib.sha256(
+                (export_dir(cfg.checkpoint) / "model.safetensors").read_bytes()).hexdigest()
+        else:  # scratch: only the architecture
+            keep["shape"] = config.to_dict(backbone(cfg, pretrained=False).cfg)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _run_one(name: str, seed: int, data: TaskData, split: Split, cfg: FinetuneConfig, run_dir: Path, device) -> dict:
@@ -131,7 +140,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if distributed and not dist.is_initialized():
         dist.init_process_group("gloo")
     device = _device(cfg)
-    digest = run_digest(cfg)
+    digests = {name: run_digest(cfg, name) for name in model_names(cfg)}
     out.mkdir(parents=True, exist_ok=True)
     modality = "2d" if cfg.mode == "2d" else "paired"
 
@@ -164,12 +173,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         done = run_dir / "result.json"
         if done.is_file():
             prev = json.loads(done.read_text())
-            if prev.get("digest") == digest:
+            if prev.get("digest") == digests[name]:
                 console(f"[{name} seed {seed}] done before: test {prev['test']:.4f} ({done})")
                 continue
             console(f"[{name} seed {seed}] {done} is from another configuration; running again")
         result = _run_one(name, seed, data, splits[seed], cfg, run_dir, device)
-        result.update(model=name, digest=digest, split=splits[seed].sizes())
+        result.update(model=name, digest=digests[name], split=splits[seed].sizes())
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(done)
@@ -192,7 +201,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                  "rejected_by_reason": _count(data.rejects)},
         "split": {"kind": cfg.split.kind, "fractions": list(cfg.split.fractions), **split0.sizes()},
         "mode": cfg.mode, "checkpoint": cfg.checkpoint, "lora": asdict(cfg.lora) if cfg.checkpoint else None,
-        "config_digest": digest,
+        "digests": digests,
     }
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")

@@ -59,13 +59,32 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
+def epoch_batches(train: np.ndarray, sizes: np.ndarray, batch_size: int, bucket: int, rng) -> list[np.ndarray]:
+    """One epoch's batches: a random permutation; with ``bucket`` > 1, each run of ``bucket``
+    batches is sorted by molecule size before it is cut (less padding: a batch is as wide as its
+    largest molecule), and the batches are shuffled again."""
+    perm = rng.permutation(train)
+    if bucket > 1:
+        span = batch_size * bucket
+        perm = np.concatenate([c[np.argsort(sizes[c], kind="stable")] for c in np.split(perm, range(span, len(perm), span))])
+    out = [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
+    if bucket > 1:
+        out = [out[i] for i in rng.permutation(len(out))]
+    return out
+
+
 def predict(model: TaskModel, batches: Batches, idx: np.ndarray, batch_size: int, device) -> np.ndarray:
     model.eval()
+    order = np.argsort([len(batches.records[i]["z"]) for i in idx], kind="stable")  # less padding
     outs = []
     with torch.no_grad():
         for s in range(0, len(idx), batch_size):
-            outs.append(model(move(batches(idx[s:s + batch_size]), device)).float().cpu().numpy())
-    return np.concatenate(outs) if outs else np.zeros((0, 1))
+            outs.append(model(move(batches(idx[order[s:s + batch_size]]), device)).float().cpu().numpy())
+    if not outs:
+        return np.zeros((0, 1))
+    pred = np.empty_like(np.concatenate(outs))
+    pred[order] = np.concatenate(outs)
+    return pred
 
 
 def _loss(logits, y, task):
@@ -107,14 +126,13 @@ def train_seed(model: TaskModel, data: TaskData, split: Split, seed: int, cfg, m
             pred = 1 / (1 + np.exp(-pred))
         return score(metric, y_all[idx], pred), pred
 
+    sizes = np.array([len(r["z"]) for r in data.records])
     best, best_state, best_epoch, since, history = None, None, -1, 0, []
     start = time.perf_counter()
     for epoch in range(t.epochs):
         model.train()
-        perm = rng.permutation(split.train)
         losses = []
-        for s in range(0, len(perm), t.batch_size):
-            idx = perm[s:s + t.batch_size]
+        for idx in epoch_batches(split.train, sizes, t.batch_size, t.bucket, rng):
             batch = move(batches(idx), device)
             y = torch.as_tensor(y_train[idx], dtype=torch.float32, device=device)
             loss = _loss(model(batch).float(), y, task)
