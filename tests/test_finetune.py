@@ -238,3 +238,14 @@ def test_bucketed_epochs_cover_the_training_set_once():
     plain = epoch_batches(train, sizes, 16, 1, np.random.default_rng(1))
     width = lambda bs: sum(len(b) * sizes[b].max() for b in bs)  # noqa: E731  padded atoms
     assert width(sorted_runs) < width(plain)
+
+
+def test_a_split_with_one_class_in_a_part_is_refused():
+    from flexmol.finetune.protocol import check_classes
+    from flexmol.finetune.split import Split
+
+    y = np.array([[0], [1], [1], [1], [0], [np.nan]], dtype=float)
+    good = Split(np.array([0, 1]), np.array([2, 4]), np.array([3, 4]))
+    check_classes(y, good, ["t"], "x")  # the test part has both classes through row 4
+    with pytest.raises(ValueError, match="valid part .* one class"):
+        check_classes(y, Split(np.array([0, 1]), np.array([2, 3, 5]), np.array([0, 1])), ["t"], "x")

@@ -69,6 +69,17 @@ def run_digest(cfg: FinetuneConfig, name: str) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_classes(labels: np.ndarray, split: Split, targets: list[str], what: str) -> None:
+    """ROC-AUC needs both classes: refuse a split whose validation or test part has no task with
+    both, rather than report an undefined metric."""
+    for part in ("train", "valid", "test"):
+        y = labels[getattr(split, part)]
+        if not any(len(np.unique(y[~np.isnan(y[:, t]), t])) == 2 for t in range(y.shape[1])):
+            raise ValueError(f"{what}: the {part} part ({len(y)} molecules) holds one class only for every "
+                             f"target {targets}; ROC-AUC is undefined there (try split.kind=random or other "
+                             "split.fractions)")
+
+
 def _run_one(name: str, seed: int, data: TaskData, split: Split, cfg: FinetuneConfig, run_dir: Path, device) -> dict:
     metric = cfg.data.metric
     label = f"[{name} seed {seed}]"
@@ -165,6 +176,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 f.write(json.dumps(r) + "\n")
 
     splits = {seed: make_split(cfg.split.kind, data.smiles, seed, cfg.split.fractions) for seed in cfg.seeds}
+    if data.task == "classification":
+        for seed, sp in splits.items():
+            check_classes(data.labels, sp, data.targets, f"{cfg.split.kind} split (seed {seed})")
     jobs = [(name, seed) for name in model_names(cfg) for seed in cfg.seeds]
     for j, (name, seed) in enumerate(jobs):
         if j % world != rank:

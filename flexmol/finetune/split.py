@@ -2,7 +2,7 @@
 literature's MoleculeNet protocol, and a seeded random split.
 
 Scaffold split (MoleculeNet, as used by GEM, Uni-Mol and FlexMol): molecules are grouped by
-Bemis–Murcko scaffold; groups are taken largest first (ties by first appearance) into train until
+Bemis–Murcko scaffold; groups are taken largest first (ties: later first appearance first) into train until
 it would exceed its share, then validation, then test. The same split for every seed — seeds vary
 the training. No scaffold is ever in two parts.
 """
@@ -34,11 +34,13 @@ def _check(fractions) -> tuple[float, float, float]:
 
 
 def scaffold_groups(smiles: list[str]) -> list[list[int]]:
-    """Indices grouped by scaffold, largest group first, ties by the group's first index."""
+    """Indices grouped by scaffold, largest group first; among groups of one size, the group whose
+    first molecule comes later in the file first (DeepChem's and GEM's order, so that the parts
+    are the ones the literature's numbers were measured on)."""
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(smiles):
         groups.setdefault(murcko_scaffold(s), []).append(i)
-    return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    return sorted(groups.values(), key=lambda g: (len(g), g[0]), reverse=True)
 
 
 def scaffold_split(smiles: list[str], fractions=(0.8, 0.1, 0.1)) -> Split:
