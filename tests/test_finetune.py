@@ -249,3 +249,29 @@ def test_a_split_with_one_class_in_a_part_is_refused():
     check_classes(y, good, ["t"], "x")  # the test part has both classes through row 4
     with pytest.raises(ValueError, match="valid part .* one class"):
         check_classes(y, Split(np.array([0, 1]), np.array([2, 3, 5]), np.array([0, 1])), ["t"], "x")
+
+
+@pytest.mark.slow
+def test_launcher_spreads_runs_over_ranks(labelled_csv, tiny_export, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ft"
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "launch" / "finetune.py"), "--checkpoint", str(tiny_export), "--data", str(labelled_csv),
+           "--target", "lipophilic", "--task", "classification", "--seeds", "2", "--baselines", "ecfp_rf",
+           "--out", str(out), "train.epochs=1", "lora.r=4", "rf.n_estimators=10", "data.num_workers=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=child_env(OMP_NUM_THREADS="1"),
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"flexmol", "ecfp_rf"} and len(res["per_seed"]) == 2
+    ranks = {json.loads(p.read_text())["rank"] for p in (out / "runs").glob("*/seed*/result.json")}
+    assert ranks == {0, 1}
+    assert proc.stdout.count("results: ") == 1  # rank 0 alone writes and prints the summary

@@ -192,7 +192,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 continue
             console(f"[{name} seed {seed}] {done} is from another configuration; running again")
         result = _run_one(name, seed, data, splits[seed], cfg, run_dir, device)
-        result.update(model=name, digest=digests[name], split=splits[seed].sizes())
+        result.update(model=name, digest=digests[name], split=splits[seed].sizes(), rank=rank)
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(done)
