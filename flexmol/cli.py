@@ -177,7 +177,8 @@ def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
     try:
         cfg = _confgen_config(args)
         model = _model(args.checkpoint)
-        res = evaluate_qm9(cfg, model, count=args.count, start=args.start, stride=args.stride, exclude=args.exclude_shards,
+        res = evaluate_qm9(cfg, model, count=args.count, start=args.start, stride=args.stride,
+                           exclude=args.exclude_shards,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     except (ConfigError, ValueError) as exc:
         print(f"flexmol evaluate confgen: {exc}", file=sys.stderr)
@@ -191,7 +192,8 @@ def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
           f"{len(res['rejected'])} rejected)")
     print(f"{'method':<8} {'COV mean':>9} {'COV median':>11} {'MAT mean':>9} {'MAT median':>11}")
     for name, s in res["scores"].items():
-        print(f"{name:<8} {s['cov_mean']:>9.3f} {s['cov_median']:>11.3f} {s['mat_mean']:>9.3f} {s['mat_median']:>11.3f}")
+        print(f"{name:<8} {s['cov_mean']:>9.3f} {s['cov_median']:>11.3f} "
+              f"{s['mat_mean']:>9.3f} {s['mat_median']:>11.3f}")
     print(f"details: {out / 'confgen.json'}")
     return 0
 

@@ -66,6 +66,8 @@ def _pretrain(out: Path, cfg: DemoConfig) -> Path:
 
     paired, single = out / "shards" / "qm9_paired", out / "shards" / "moses_2d"
     common = ["model.size=tiny", "wandb.mode=disabled", "resume=auto", "train.log_every=25"]
+    ramp = (f"data.mix=[{{step: 0, weights: {{paired: 1.0, single_2d: 0.0}}}}, "
+            f"{{step: {cfg.stage2_steps // 3}, weights: {{paired: 0.3, single_2d: 0.7}}}}]")
     stages = [
         ("stage1.yaml", out / "stage1", [f"data.paired=[{paired}]", f"train.max_steps={cfg.stage1_steps}",
                                          f"train.warmup_steps={max(1, cfg.stage1_steps // 10)}", "train.lr=3e-4",
@@ -73,9 +75,7 @@ def _pretrain(out: Path, cfg: DemoConfig) -> Path:
         ("stage2.yaml", out / "stage2", [f"data.paired=[{paired}]", f"data.single_2d=[{single}]",
                                          f"init_from={out / 'stage1'}", f"train.max_steps={cfg.stage2_steps}",
                                          f"train.warmup_steps={max(1, cfg.stage2_steps // 10)}", "train.lr=1e-4",
-                                         f"train.save_every={cfg.stage2_steps}",
-                                         f"data.mix=[{{step: 0, weights: {{paired: 1.0, single_2d: 0.0}}}}, "
-                                         f"{{step: {cfg.stage2_steps // 3}, weights: {{paired: 0.3, single_2d: 0.7}}}}]"]),
+                                         f"train.save_every={cfg.stage2_steps}", ramp]),
     ]
     for name, directory, overrides in stages:
         _banner(f"pre-train {name.split('.')[0]} (tiny model, CPU) -> {directory}")

@@ -97,8 +97,8 @@ def test_qm9_evaluation_skips_molecules_seen_in_pretraining(qm9_rows, tmp_path):
 def test_confgen_command_writes_conformers_and_reports_rejects(tmp_path, capsys):
     export = save_pretrained(FlexMol(model_config("tiny")), tmp_path / "export")
     out = tmp_path / "confs.sdf"
-    assert cli(["confgen", "--smiles", "CCO", "C1CC(", "c1ccccc1C(=O)O", "--num-confs", "3", "--checkpoint", str(export),
-                "--out", str(out)]) == 0
+    assert cli(["confgen", "--smiles", "CCO", "C1CC(", "c1ccccc1C(=O)O", "--num-confs", "3",
+                "--checkpoint", str(export), "--out", str(out)]) == 0
     mols = [m for m in Chem.SDMolSupplier(str(out), removeHs=False)]
     assert len(mols) == 6 and {m.GetProp("method") for m in mols} == {"flexmol"}
     assert all(m.GetNumAtoms() > m.GetNumHeavyAtoms() for m in mols)  # hydrogens placed back

@@ -196,7 +196,8 @@ def test_finetune_command_writes_results_and_resumes(labelled_csv, tiny_export, 
     assert "[flexmol seed 0] epoch 1/2" in err
     res = json.loads((out / "results.json").read_text())
     assert res["metric"] == "rmse" and res["model"] == "flexmol" and len(res["per_seed"]) == 2
-    assert res["mean"] == pytest.approx(np.mean(res["per_seed"])) and res["std"] == pytest.approx(np.std(res["per_seed"]))
+    assert res["mean"] == pytest.approx(np.mean(res["per_seed"]))
+    assert res["std"] == pytest.approx(np.std(res["per_seed"]))
     assert set(res["models"]) == {"flexmol", "scratch", "ecfp_rf"}
     d = res["data"]
     assert d["rejected_by_reason"]["bad_label"] == 1 and d["rejected_by_reason"]["invalid_smiles"] == 1

@@ -130,7 +130,8 @@ def _label(value, target: str, task: str) -> float:
     return v
 
 
-def attach_labels(records: list[dict], targets: list[str], task: str, rejects: list[dict]) -> tuple[list[dict], np.ndarray]:
+def attach_labels(records: list[dict], targets: list[str], task: str,
+                  rejects: list[dict]) -> tuple[list[dict], np.ndarray]:
     kept, rows = [], []
     for rec in records:
         labels = rec.get("labels") or {}
@@ -156,7 +157,8 @@ def attach_labels(records: list[dict], targets: list[str], task: str, rejects: l
 
 def _cache_key(source, opts: SourceOptions, cfg: FeaturizerConfig, modality: str, limit) -> str:
     blob = json.dumps({"source": source.fingerprint, "options": asdict(opts), "featurizer": cfg.digest(),
-                       "modality": modality, "limit": limit, "schema": schema.SCHEMA_VERSION}, sort_keys=True, default=str)
+                       "modality": modality, "limit": limit, "schema": schema.SCHEMA_VERSION},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

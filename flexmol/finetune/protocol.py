@@ -105,8 +105,9 @@ def _run_one(name: str, seed: int, data: TaskData, split: Split, cfg: FinetuneCo
                 f"{n_train:,} of {n_all:,} parameters trained; mode {cfg.mode}")
         result = train_seed(model, data, split, seed, cfg, metric, device, label, console)
         if cfg.save_models:
-            save_task_model(model, run_dir / "model", {"model": name, "seed": seed, "targets": data.targets,
-                                                       "task": data.task, "mode": cfg.mode, "checkpoint": cfg.checkpoint})
+            meta = {"model": name, "seed": seed, "targets": data.targets, "task": data.task, "mode": cfg.mode,
+                    "checkpoint": cfg.checkpoint}
+            save_task_model(model, run_dir / "model", meta)
     pred = result.pop("_test_pred")
     _write_predictions(run_dir / "test_predictions.csv", data, split.test, pred)
     console(f"{label} test {metric} {result['test']:.4f} (valid {result['valid']:.4f})")
@@ -132,8 +133,8 @@ def _summary(runs: list[dict], metric: str) -> dict:
 
 def table(results: dict) -> str:
     metric = results["metric"]
-    head = f"{results['data']['source']} — {metric}, {results['split']['kind']} split, {len(results['seeds'])} seeds, " \
-           f"mode {results['mode']} (test at the best validation epoch)"
+    head = (f"{results['data']['source']} — {metric}, {results['split']['kind']} split, "
+            f"{len(results['seeds'])} seeds, mode {results['mode']} (test at the best validation epoch)")
     lines = [head, f"{'model':<10} {'test':>17} {'valid':>8}  per seed"]
     for name, s in results["models"].items():
         per = " ".join(f"{v:.3f}" for v in s["per_seed"])
@@ -156,8 +157,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     modality = "2d" if cfg.mode == "2d" else "paired"
 
     def load(progress):
-        return load_task_data(cfg.data.source, cfg.data.targets, cfg.data.task, smiles_column=cfg.data.smiles_column,
-                              id_column=cfg.data.id_column, modality=modality, featurizer=cfg.featurizer, limit=cfg.data.limit,
+        d = cfg.data
+        return load_task_data(d.source, d.targets, d.task, smiles_column=d.smiles_column, id_column=d.id_column,
+                              modality=modality, featurizer=cfg.featurizer, limit=d.limit,
                               subsample=cfg.data.subsample, subsample_seed=cfg.data.subsample_seed,
                               workers=cfg.data.num_workers, cache_dir=out / "cache", progress=progress)
 

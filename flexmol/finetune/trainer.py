@@ -66,7 +66,8 @@ def epoch_batches(train: np.ndarray, sizes: np.ndarray, batch_size: int, bucket:
     perm = rng.permutation(train)
     if bucket > 1:
         span = batch_size * bucket
-        perm = np.concatenate([c[np.argsort(sizes[c], kind="stable")] for c in np.split(perm, range(span, len(perm), span))])
+        runs = np.split(perm, range(span, len(perm), span))
+        perm = np.concatenate([c[np.argsort(sizes[c], kind="stable")] for c in runs])
     out = [perm[s:s + batch_size] for s in range(0, len(perm), batch_size)]
     if bucket > 1:
         out = [out[i] for i in rng.permutation(len(out))]
