@@ -216,7 +216,7 @@ def test_finetune_command_writes_results_and_resumes(labelled_csv, tiny_export, 
     assert json.loads((out / "results.json").read_text())["per_seed"] == res["per_seed"]
 
 
-def test_finetune_config_errors(labelled_csv, tmp_path):
+def test_finetune_config_errors(labelled_csv, tmp_path, capsys):
     base = ["--data", str(labelled_csv), "--target", "logp", "--out", str(tmp_path)]
     with pytest.raises(ConfigError, match="data.metric"):
         ftconfig.load(overrides=["data.source=x", "data.targets=[a]", "data.task=regression", "data.metric=roc_auc"])
@@ -224,6 +224,8 @@ def test_finetune_config_errors(labelled_csv, tmp_path):
         ftconfig.load(overrides=["data.source=x", "data.targets=[a]", f"checkpoint={tmp_path}"])
     assert finetune_main(base + ["--task", "regression", "mode=4d"]) == 2
     assert finetune_main(base + ["--task", "regression", "--target", "missing_column"]) == 2
+    assert finetune_main(base + ["--task", "regression", "--baselines", "scratch,svm"]) == 2
+    assert "svm" in capsys.readouterr().err
 
 
 def test_bucketed_epochs_cover_the_training_set_once():
@@ -276,3 +278,12 @@ def test_launcher_spreads_runs_over_ranks(labelled_csv, tiny_export, tmp_path):
     ranks = {json.loads(p.read_text())["rank"] for p in (out / "runs").glob("*/seed*/result.json")}
     assert ranks == {0, 1}
     assert proc.stdout.count("results: ") == 1  # rank 0 alone writes and prints the summary
+
+
+def test_too_few_molecules_for_a_split_is_an_error(tmp_path, capsys):
+    path = tmp_path / "three.csv"
+    path.write_text("smiles,y\nCCO,1.0\nc1ccccc1,2.0\nCCN,0.5\n")
+    argv = ["--data", str(path), "--target", "y", "--task", "regression", "--out", str(tmp_path / "o"),
+            "--baselines", "ecfp_rf", "data.num_workers=1"]
+    assert finetune_main(argv) == 2
+    assert "empty" in capsys.readouterr().err

@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("scaffold", "random"))
     p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1)")
     p.add_argument("--mode", choices=("2d", "3d", "both"), help="input modalities")
-    p.add_argument("--baselines", nargs="*", choices=("scratch", "ecfp_rf"),
-                   help="baselines in the same table (default: scratch ecfp_rf; none: --baselines)")
+    p.add_argument("--baselines", help="comma-separated baselines in the same table: scratch,ecfp_rf (the "
+                                       "default), one of them, or none")
     p.add_argument("--out", help="output directory (results.json, table.txt, runs/, rejects.jsonl)")
     p.add_argument("--config", action="append", default=[], help="YAML merged onto configs/finetune/default.yaml")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -48,7 +48,8 @@ def config_from(args: argparse.Namespace, overrides: list[str]):
     if args.mode:
         explicit["mode"] = args.mode
     if args.baselines is not None:
-        explicit["baselines"] = args.baselines
+        names = [b.strip() for b in args.baselines.split(",") if b.strip()]
+        explicit["baselines"] = [] if names == ["none"] else names
     if args.out:
         explicit["out"] = args.out
     base = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None  # the dataclass defaults are the same

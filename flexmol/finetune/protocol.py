@@ -178,6 +178,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 f.write(json.dumps(r) + "\n")
 
     splits = {seed: make_split(cfg.split.kind, data.smiles, seed, cfg.split.fractions) for seed in cfg.seeds}
+    for seed, sp in splits.items():
+        empty = [part for part, n in sp.sizes().items() if n == 0]
+        if empty:
+            raise ValueError(f"{cfg.split.kind} split of {len(data.records)} molecules leaves {', '.join(empty)} "
+                             f"empty (split.fractions={list(cfg.split.fractions)}); more molecules are needed")
     if data.task == "classification":
         for seed, sp in splits.items():
             check_classes(data.labels, sp, data.targets, f"{cfg.split.kind} split (seed {seed})")
