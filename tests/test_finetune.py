@@ -226,6 +226,8 @@ def test_finetune_config_errors(labelled_csv, tmp_path, capsys):
     assert finetune_main(base + ["--task", "regression", "--target", "missing_column"]) == 2
     assert finetune_main(base + ["--task", "regression", "--baselines", "scratch,svm"]) == 2
     assert "svm" in capsys.readouterr().err
+    assert finetune_main(base + ["--task", "regression", "--baselines", "none"]) == 2
+    assert "nothing to run" in capsys.readouterr().err
 
 
 def test_bucketed_epochs_cover_the_training_set_once():

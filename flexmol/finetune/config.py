@@ -144,6 +144,8 @@ def validate(cfg: FinetuneConfig) -> None:
     unknown = [b for b in cfg.baselines if b not in BASELINES]
     if unknown:
         fail("baselines", f"{unknown} unknown; choose from {', '.join(BASELINES)}")
+    if not cfg.checkpoint and not cfg.baselines:
+        fail("baselines", "nothing to run: give a checkpoint, a baseline, or both")
     t = cfg.train
     if t.epochs < 1 or t.batch_size < 1 or t.eval_batch_size < 1 or t.patience < 1:
         fail("train", "epochs, batch_size, eval_batch_size and patience must be positive")
