@@ -50,8 +50,7 @@ def with_coords(mol: Chem.Mol, coords: np.ndarray) -> Chem.Mol:
 def rmsd_matrix(mol: Chem.Mol, refs: np.ndarray, gens: np.ndarray) -> np.ndarray:
     """[R, K] heavy-atom RMSD of every generated conformer to every reference, after optimal
     alignment, minimised over the molecule's symmetry-equivalent atom mappings."""
-    heavy = [a.GetIdx() for a in mol.GetAtoms() if a.GetAtomicNum() > 1]
-    if len(heavy) != mol.GetNumAtoms():
+    if mol.GetNumHeavyAtoms() != mol.GetNumAtoms():
         raise ValueError("rmsd_matrix takes a heavy-atom molecule")
     out = np.zeros((len(refs), len(gens)))
     for r, ref in enumerate(refs):

@@ -57,6 +57,11 @@ def _init(cfg: dict, modality: str) -> None:
     _featurizer = Featurizer(FeaturizerConfig(**cfg), modality)
 
 
+def _reject(index: int, ident: str, smiles: str, code: str, reason: str) -> dict:
+    """One rejects.jsonl entry."""
+    return {"index": index, "id": ident, "smiles": smiles, "code": code, "reason": reason}
+
+
 def _featurize_chunk(raws: list) -> list[tuple[str, object]]:
     from flexmol.chem.errors import Rejected
 
@@ -65,11 +70,9 @@ def _featurize_chunk(raws: list) -> list[tuple[str, object]]:
         try:
             out.append(("ok", schema.encode(_featurizer(raw))))
         except Rejected as exc:
-            out.append(("rejected", {"index": raw.index, "id": raw.id, "smiles": raw.text, "code": exc.code,
-                                     "reason": exc.reason}))
+            out.append(("rejected", _reject(raw.index, raw.id, raw.text, exc.code, exc.reason)))
         except Exception as exc:  # RDKit raising on a pathological molecule must not stop the job
-            out.append(("rejected", {"index": raw.index, "id": raw.id, "smiles": raw.text, "code": "error",
-                                     "reason": f"{type(exc).__name__}: {exc}"}))
+            out.append(("rejected", _reject(raw.index, raw.id, raw.text, "error", f"{type(exc).__name__}: {exc}")))
     return out
 
 
@@ -141,12 +144,11 @@ def attach_labels(records: list[dict], targets: list[str], task: str,
                 raise ValueError(f"no column {missing}")
             row = [_label(labels[t], t, task) for t in targets]
         except ValueError as exc:
-            rejects.append({"index": rec["index"], "id": rec["id"], "smiles": rec["smiles"], "code": "bad_label",
-                            "reason": str(exc)})
+            rejects.append(_reject(rec["index"], rec["id"], rec["smiles"], "bad_label", str(exc)))
             continue
         if all(math.isnan(v) for v in row):
-            rejects.append({"index": rec["index"], "id": rec["id"], "smiles": rec["smiles"], "code": "no_label",
-                            "reason": f"no value for any of {targets}"})
+            why = f"no value for any of {targets}"
+            rejects.append(_reject(rec["index"], rec["id"], rec["smiles"], "no_label", why))
             continue
         kept.append(rec)
         rows.append(row)

@@ -36,17 +36,24 @@ def model_names(cfg: FinetuneConfig) -> list[str]:
     return (["flexmol"] if cfg.checkpoint else []) + list(cfg.baselines)
 
 
+def model_shape(cfg: FinetuneConfig):
+    """The architecture: the checkpoint's, or ``scratch_model`` when there is none."""
+    from flexmol.model import ModelConfig
+    from flexmol.model.summary import model_config
+
+    if cfg.checkpoint:
+        return config.build(ModelConfig, export_dir(cfg.checkpoint) / "model.yaml")
+    return model_config(cfg.scratch_model)
+
+
 def backbone(cfg: FinetuneConfig, pretrained: bool):
     """The pre-trained FlexMol of ``cfg.checkpoint``, or a freshly initialised one of the same shape."""
     from flexmol import load_pretrained
-    from flexmol.model import FlexMol, ModelConfig
-    from flexmol.model.summary import model_config
+    from flexmol.model import FlexMol
 
     if pretrained:
         return load_pretrained(export_dir(cfg.checkpoint)).train()
-    if cfg.checkpoint:
-        return FlexMol(config.build(ModelConfig, export_dir(cfg.checkpoint) / "model.yaml"))
-    return FlexMol(model_config(cfg.scratch_model))
+    return FlexMol(model_shape(cfg))
 
 
 def run_digest(cfg: FinetuneConfig, name: str) -> str:
@@ -65,7 +72,7 @@ def run_digest(cfg: FinetuneConfig, name: str) -> str:
             keep["checkpoint_sha256"] = hashlib.sha256(
                 (export_dir(cfg.checkpoint) / "model.safetensors").read_bytes()).hexdigest()
         else:  # scratch: only the architecture
-            keep["shape"] = config.to_dict(backbone(cfg, pretrained=False).cfg)
+            keep["shape"] = config.to_dict(model_shape(cfg))
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

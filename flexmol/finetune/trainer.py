@@ -17,6 +17,7 @@ from flexmol.evaluate.metrics import better, score
 from flexmol.finetune.data import TaskData
 from flexmol.finetune.model import BATCH_MODALITY, TaskModel, trainable_state
 from flexmol.finetune.split import Split
+from flexmol.train.schedule import lr_factor
 
 
 @dataclass
@@ -49,14 +50,6 @@ class Batches:
 
     def __call__(self, idx) -> dict:
         return collate([self.records[i] for i in idx], self.max_spd, self.max_path)
-
-
-def lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
 
 
 def epoch_batches(train: np.ndarray, sizes: np.ndarray, batch_size: int, bucket: int, rng) -> list[np.ndarray]:
@@ -105,7 +98,8 @@ def train_seed(model: TaskModel, data: TaskData, split: Split, seed: int, cfg, m
     t = cfg.train
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    batches = Batches(data, cfg.mode, model_max_spd(model), model_max_path(model))
+    shape = base_model(model).cfg
+    batches = Batches(data, cfg.mode, shape.max_spd, shape.max_path)
     task = data.task
     y_all = data.labels
     scaler = Standardizer.fit(y_all[split.train]) if task == "regression" else None
@@ -117,7 +111,8 @@ def train_seed(model: TaskModel, data: TaskData, split: Split, seed: int, cfg, m
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=t.weight_decay)
     steps_per_epoch = math.ceil(len(split.train) / t.batch_size)
     total = steps_per_epoch * t.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(t.warmup_ratio * total))))
+    warmup = max(1, int(t.warmup_ratio * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, "linear", 0.0))
 
     def evaluate(idx):
         pred = predict(model, batches, idx, t.eval_batch_size, device)
@@ -128,7 +123,7 @@ def train_seed(model: TaskModel, data: TaskData, split: Split, seed: int, cfg, m
         return score(metric, y_all[idx], pred), pred
 
     sizes = np.array([len(r["z"]) for r in data.records])
-    best, best_state, best_epoch, since, history = None, None, -1, 0, []
+    best, best_state, best_pred, best_epoch, since, history = None, None, None, -1, 0, []
     start = time.perf_counter()
     for epoch in range(t.epochs):
         model.train()
@@ -145,11 +140,11 @@ def train_seed(model: TaskModel, data: TaskData, split: Split, seed: int, cfg, m
             sched.step()
             losses.append(loss.item())
         valid, _ = evaluate(split.valid)
-        test, _ = evaluate(split.test)
+        test, test_pred = evaluate(split.test)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "valid": valid, "test": test})
         if better(metric, valid, best):
             best, best_epoch, since = valid, epoch, 0
-            best_state = trainable_state(model)
+            best_state, best_pred = trainable_state(model), test_pred
         else:
             since += 1
         if log:
@@ -157,22 +152,17 @@ def train_seed(model: TaskModel, data: TaskData, split: Split, seed: int, cfg, m
                 f"test {test:.4f} (best epoch {best_epoch + 1}) {time.perf_counter() - start:.0f}s")
         if since >= t.patience:
             break
-    if best_state is not None:
+    if best_state is None:  # validation metric undefined at every epoch: the last epoch stands
+        best_epoch, best_pred = len(history) - 1, test_pred
+    else:
         model.load_state_dict(best_state, strict=False)
-    test, pred = evaluate(split.test)
-    return {"seed": seed, "best_epoch": best_epoch + 1, "epochs_run": len(history), "valid": best, "test": test,
-            "seconds": round(time.perf_counter() - start, 1), "history": history, "_test_pred": pred}
+    return {"seed": seed, "best_epoch": best_epoch + 1, "epochs_run": len(history), "valid": best,
+            "test": history[best_epoch]["test"], "seconds": round(time.perf_counter() - start, 1),
+            "history": history, "_test_pred": best_pred}
 
 
-def model_max_spd(model: TaskModel) -> int:
-    return _flexmol(model).cfg.max_spd
-
-
-def model_max_path(model: TaskModel) -> int:
-    return _flexmol(model).cfg.max_path
-
-
-def _flexmol(model: TaskModel):
+def base_model(model: TaskModel):
+    """The FlexMol under the task model (inside peft's wrapper when there are adapters)."""
     body = model.backbone
     return body.get_base_model() if hasattr(body, "get_base_model") else body
 
