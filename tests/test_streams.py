@@ -83,3 +83,82 @@ def test_mixed_stream_state_round_trip(nci_2d):
     ref_batches = [next(ref) for _ in range(4)]
     assert step == 3 and name == "single_2d" and same(batch, ref_batches[3][2])
     assert [o[0] for o in out] == [0, 1, 2]
+
+
+class _Counting:
+    """A stand-in source: yields its name, counts what was taken."""
+
+    def __init__(self, name):
+        self.name, self.taken = name, 0
+
+    def __next__(self):
+        self.taken += 1
+        return self.name
+
+
+def test_mixing_schedule_follows_the_optimizer_step_under_gradient_accumulation():
+    # paired only through optimizer step 4, single_2d only from step 5
+    sched = MixingSchedule([MixPoint(4, {"paired": 1.0}), MixPoint(5, {"single_2d": 1.0})], ["paired", "single_2d"])
+    stream = MixedStream({"paired": _Counting("paired"), "single_2d": _Counting("single_2d")}, sched, seed=0,
+                         grad_accum=4)
+    drawn = [next(stream) for _ in range(32)]
+    assert [step for step, _, _ in drawn] == [s for s in range(8) for _ in range(4)]
+    assert [name for _, name, _ in drawn] == ["paired"] * 20 + ["single_2d"] * 12
+    resumed = MixedStream({"paired": _Counting("paired"), "single_2d": _Counting("single_2d")}, sched, seed=0,
+                          step=stream.state_dict()["step"], grad_accum=4)
+    assert next(resumed)[:2] == (8, "single_2d")
+
+
+def test_micro_batches_of_one_step_draw_their_sources_independently():
+    sched = MixingSchedule([MixPoint(0, {"paired": 0.5, "single_2d": 0.5})], ["paired", "single_2d"])
+    stream = MixedStream({"paired": _Counting("paired"), "single_2d": _Counting("single_2d")}, sched, seed=5,
+                         grad_accum=8)
+    per_step = [{next(stream)[1] for _ in range(8)} for _ in range(20)]
+    assert sum(len(s) == 2 for s in per_step) > 10  # most steps mix both sources
+
+
+@pytest.fixture(scope="module")
+def nci_multi_conformer(tmp_path_factory, nci_smi):
+    out = tmp_path_factory.mktemp("streams") / "nci_paired_k3"
+    cfg = config.build(config.FeaturizeConfig, {"source": str(nci_smi), "out": str(out), "modality": "paired",
+                                                "limit": 40, "featurizer": {"num_conformers": 3},
+                                                "job": {"executor": "serial", "shard_size": 20, "progress": False}})
+    run_featurize(cfg, log=lambda m: None)
+    return out
+
+
+def _conformer_index(batch, i, records):
+    """Which of the record's conformers batch row ``i`` holds."""
+    n = int(batch["num_atoms"][i])
+    z = batch["z"][i, :n].numpy()
+    pos = batch["pos"][i, :n].numpy()
+    for rec in records:
+        if len(rec["z"]) == n and (rec["z"] == z).all():
+            for k, conf in enumerate(rec["pos"]):
+                if (conf == pos).all():
+                    return rec["index"], k
+    raise AssertionError("batch row matches no conformer of any record")
+
+
+def test_training_samples_one_conformer_per_molecule_per_draw_and_resumes_exactly(nci_multi_conformer):
+    from flexmol.data.shards import read_shard, shard_paths
+    from flexmol.data.streams import fixed_batches
+
+    records = [r for p in shard_paths(nci_multi_conformer) for r in read_shard(p)]
+    assert all(len(r["pos"]) == 3 for r in records)
+    urls = dataset_urls([str(nci_multi_conformer)])
+    kw = dict(max_atoms=128, seed=4, shuffle_buffer=16, num_workers=0)
+    straight = batches(SourceStream("paired", urls, **kw), 12)
+    picks = [_conformer_index(b, i, records) for b in straight for i in range(len(b["num_atoms"]))]
+    assert {k for _, k in picks} == {0, 1, 2}
+    by_molecule = {}
+    for index, k in picks:
+        by_molecule.setdefault(index, set()).add(k)
+    assert any(len(ks) > 1 for ks in by_molecule.values())  # a molecule seen twice gets another conformer
+    first = SourceStream("paired", urls, **kw)
+    batches(first, 5)
+    tail = batches(SourceStream("paired", urls, taken=first.taken, **kw), 7)
+    assert all(torch.equal(a["pos"], b["pos"]) for a, b in zip(straight[5:], tail))
+    # evaluation always uses the first conformer
+    fixed = fixed_batches(urls, max_atoms=128, max_molecules=40)
+    assert {k for b in fixed for _, k in (_conformer_index(b, i, records) for i in range(len(b["num_atoms"])))} == {0}

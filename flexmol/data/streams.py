@@ -1,10 +1,14 @@
 """Training streams: one deterministic, resampled stream per dataset, mixed per batch by a schedule.
 
 - Each source (a list of dataset directories of one modality) is an endless WebDataset pipeline:
-  ``ResampledShards(deterministic=True)`` seeded by (seed, rank, worker, epoch), a seeded shuffle
-  buffer, decoding, atom-budget batching and collation inside the DataLoader workers.
-- The source of each step's batch is drawn by an RNG seeded from (seed, step) alone, so every rank
-  draws the same source and runs the same modules in that step (ZeRO-3 deadlocks otherwise).
+  ``ResampledShards(deterministic=True)`` seeded by (seed, rank, worker, epoch), a shuffle buffer
+  and a conformer draw seeded by (seed, rank, worker), decoding, atom-budget batching and
+  collation inside the DataLoader workers. Every rank and worker resamples shards on its own, so
+  a dataset of one shard feeds any number of ranks and workers.
+- The source of each micro-batch is drawn by an RNG seeded from (seed, optimizer step, micro-batch)
+  alone, with the schedule's weights at that optimizer step, so every rank draws the same source
+  and runs the same modules (ZeRO-3 deadlocks otherwise) and a ramp "by step" means optimizer steps
+  whatever the gradient accumulation.
 - State is the step and, per source, the number of batches taken. The DataLoader hands out its
   workers' batches in turn, so that count fixes how many batches each worker produced; on resume
   each worker regenerates and drops those (records are decoded and batched, not collated), and
@@ -74,10 +78,11 @@ class MixingSchedule:
         raw = self._raw(step)
         return dict(zip(self.available, raw / raw.sum()))
 
-    def choose(self, step: int, seed: int) -> str:
-        """The source of ``step``'s batch: a function of (seed, step) only, identical on every rank."""
+    def choose(self, step: int, seed: int, micro: int = 0) -> str:
+        """The source of micro-batch ``micro`` of optimizer step ``step``: a function of (seed, step,
+        micro) only, identical on every rank; the weights are the schedule's at ``step``."""
         w = self._raw(step)
-        rng = np.random.default_rng([seed, step])
+        rng = np.random.default_rng([seed, step] if micro == 0 else [seed, step, micro])
         return self.available[int(rng.choice(len(w), p=w / w.sum()))]
 
 
@@ -104,6 +109,34 @@ def _skip_batches(skip: int, num_workers: int):
     return stage
 
 
+def _worker_rng(seed: int, purpose: str) -> random.Random:
+    """An RNG of this rank and loader worker (created inside the worker, so workers differ)."""
+    return random.Random(f"{seed}/{wds.utils.pytorch_worker_seed()}/{purpose}")
+
+
+def _shuffle(bufsize: int, seed: int):
+    def stage(samples):
+        yield from wds.shuffle(bufsize, initial=bufsize, rng=_worker_rng(seed, "shuffle"))(samples)
+
+    return stage
+
+
+def sample_conformer(seed: int):
+    """Pipeline stage: each record keeps one of its K conformers, drawn per record by this worker's
+    seeded RNG (so a resumed stream draws what the uninterrupted one did)."""
+
+    def stage(records):
+        rng = _worker_rng(seed, "conformer")
+        for r in records:
+            pos = r.get("pos")
+            if pos is not None and len(pos) > 1:
+                k = rng.randrange(len(pos))
+                r = {**r, "pos": pos[k:k + 1], "conformer": k}
+            yield r
+
+    return stage
+
+
 def _budget(max_atoms: int):
     def stage(records):
         yield from atom_budget_batches(records, max_atoms)
@@ -116,8 +149,9 @@ def source_pipeline(urls: Sequence[str], *, max_atoms: int, seed: int, shuffle_b
     return wds.DataPipeline(
         wds.ResampledShards(list(urls), seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
-        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)) if shuffle_buffer > 1 else wds.identity,
+        _shuffle(shuffle_buffer, seed) if shuffle_buffer > 1 else wds.identity,
         wds.map(decode_sample),
+        sample_conformer(seed),
         _budget(max_atoms),
         _skip_batches(skip, num_workers),
         wds.map(functools.partial(collate, max_spd=max_spd, max_path=max_path)),
@@ -150,20 +184,46 @@ class SourceStream:
 
 
 class MixedStream:
-    """Yields (step, source name, batch), the source drawn per step by the schedule."""
+    """Yields (optimizer step, source name, batch): ``grad_accum`` micro-batches per optimizer step,
+    the source of each drawn by the schedule at that optimizer step. ``step`` counts micro-batches
+    (the position in the stream)."""
 
-    def __init__(self, sources: dict[str, SourceStream], schedule: MixingSchedule, seed: int, step: int = 0):
+    def __init__(self, sources: dict[str, SourceStream], schedule: MixingSchedule, seed: int, step: int = 0,
+                 grad_accum: int = 1):
         self.sources, self.schedule, self.seed, self.step = sources, schedule, seed, step
+        self.grad_accum = grad_accum
 
     def __iter__(self):
         return self
 
+    def next_source(self) -> str:
+        optimizer_step, micro = divmod(self.step, self.grad_accum)
+        return self.schedule.choose(optimizer_step, self.seed, micro)
+
     def __next__(self) -> tuple[int, str, dict]:
-        name = self.schedule.choose(self.step, self.seed)
+        name = self.next_source()
         batch = next(self.sources[name])
-        step = self.step
+        step = self.step // self.grad_accum
         self.step += 1
         return step, name, batch
 
     def state_dict(self) -> dict:
         return {"step": self.step, "taken": {k: s.taken for k, s in self.sources.items()}}
+
+
+def fixed_batches(urls: Sequence[str], *, max_atoms: int, max_molecules: int, max_spd: int = 8,
+                  max_path: int = 5) -> list[dict]:
+    """Evaluation batches: the first ``max_molecules`` records of ``urls`` in order, each with its
+    first conformer, batched by atom budget. The same on every call and every rank."""
+    from flexmol.data.shards import read_shard
+
+    def records():
+        n = 0
+        for url in urls:
+            for rec in read_shard(Path(url)):
+                if n >= max_molecules:
+                    return
+                n += 1
+                yield rec
+
+    return [collate(b, max_spd=max_spd, max_path=max_path) for b in atom_budget_batches(records(), max_atoms)]

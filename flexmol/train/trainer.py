@@ -17,7 +17,8 @@ import torch
 
 from flexmol.config import ConfigError
 from flexmol.data.collate import move
-from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, dataset_urls
+from flexmol.data.shards import load_manifest
+from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, dataset_urls, fixed_batches
 from flexmol.model import FlexMol
 from flexmol.model.summary import model_config
 from flexmol.objectives import pretraining_losses
@@ -60,21 +61,44 @@ def _as_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def _checked_urls(cfg: PretrainConfig, key: str, world: int) -> list[str]:
-    """The shards of ``data.<key>``, refusing at start-up what would fail or hang later."""
+def _checked_urls(cfg: PretrainConfig, section, key: str, prefix: str) -> list[str]:
+    """The shards of ``<prefix>.<key>``, refusing at start-up what would fail later."""
     urls = []
-    for d in getattr(cfg.data, key):
+    for d in getattr(section, key):
         if not (Path(d) / "manifest.json").exists():
-            raise ConfigError(f"config key 'data.{key}': {d} is not a finished dataset (no manifest.json)")
+            raise ConfigError(f"config key '{prefix}.{key}': {d} is not a finished dataset (no manifest.json)")
+        modality = load_manifest(Path(d)).get("modality")
+        if modality != MODALITY[key]:
+            raise ConfigError(f"config key '{prefix}.{key}': {d} holds {modality} data; this slot takes "
+                              f"{MODALITY[key]} datasets")
         got = dataset_urls([d])
         if not got:
-            raise ConfigError(f"config key 'data.{key}': {d} holds no molecules")
+            raise ConfigError(f"config key '{prefix}.{key}': {d} holds no molecules")
         urls += got
-    need = world * max(1, cfg.data.num_workers)
-    if len(urls) < need:
-        raise ConfigError(f"config key 'data.{key}': {len(urls)} shards for {world} ranks x "
-                          f"{max(1, cfg.data.num_workers)} loader workers; need at least {need} (smaller job.shard_size)")
     return urls
+
+
+def split_sources(cfg: PretrainConfig) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """Training and held-out shards per source, and notes on what was decided. A source with
+    held-out directories in ``validation.<source>`` trains on all its shards; otherwise its last
+    ``validation.holdout_shards`` shards are held out when it has more than that."""
+    train, valid, notes = {}, {}, []
+    v = cfg.validation
+    for key in SOURCE_NAMES:
+        if not getattr(cfg.data, key):
+            continue
+        urls = _checked_urls(cfg, cfg.data, key, "data")
+        held = _checked_urls(cfg, v, key, "validation")
+        if held:
+            valid[key] = held
+        elif v.holdout_shards and len(urls) > v.holdout_shards:
+            urls, valid[key] = urls[:-v.holdout_shards], urls[-v.holdout_shards:]
+            notes.append(f"{key}: {len(valid[key])} of {len(urls) + len(valid[key])} shards held out for validation")
+        else:
+            notes.append(f"{key}: no validation ({len(urls)} shard(s), validation.holdout_shards="
+                         f"{v.holdout_shards}; set validation.{key}=[DIR] for a held-out dataset)")
+        train[key] = urls
+    return train, valid, notes
 
 
 def _single_process_env() -> None:
@@ -101,12 +125,22 @@ class Pretrainer:
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        sources = {k: _checked_urls(cfg, k, self.world) for k in SOURCE_NAMES if getattr(cfg.data, k)}
+        sources, self.valid_urls, notes = split_sources(cfg)
+        if self.rank == 0:
+            for note in notes:
+                print(f"[pretrain] {note}", flush=True)
         self.schedule = MixingSchedule([MixPoint(p.step, dict(p.weights)) for p in cfg.data.mix], list(sources))
 
         torch.manual_seed(cfg.train.seed)
         model = FlexMol(model_config(cfg.model.size))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        # Stage 2: the feature learners are frozen teachers. Outside the optimizer (AdamW's weight
+        # decay and momentum would move them even with zero gradients) and without gradients, set
+        # once before DeepSpeed sees the model.
+        self.frozen = frozen_parameters(model, cfg.stage)
+        for p in self.frozen.values():
+            p.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         t = cfg.train
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.decay, t.min_lr_ratio))
@@ -117,14 +151,16 @@ class Pretrainer:
         # distances stay fp32), rather than DeepSpeed casting every parameter and input.
         ds_config.pop("bf16", None)
         ds_config.pop("fp16", None)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
+                                                    lr_scheduler=scheduler, config=ds_config)
         self.engine.checkpoint_engine = _weights_only_engine(self.engine.checkpoint_engine)
+        self.device = self.engine.device
         self.step = 0
         taken = {k: 0 for k in sources}
-        if cfg.init_from and cfg.resume == "none":
-            self._init_from(Path(cfg.init_from))
+        # A checkpoint in output_dir wins (the run resumes); otherwise init_from applies.
         client = self._resume()
+        if client is None and cfg.init_from:
+            self._init_from(Path(cfg.init_from))
         self.seen = {k: 0 for k in sources}  # molecules seen per source, all ranks
         if client:
             self.step = client["step"]
@@ -136,7 +172,8 @@ class Pretrainer:
                              num_workers=d.num_workers, taken=taken[k], max_spd=self.engine.module.cfg.max_spd,
                              max_path=self.engine.module.cfg.max_path)
              for k, urls in sources.items()},
-            self.schedule, t.seed, step=self.step * t.grad_accum)
+            self.schedule, t.seed, step=self.step * t.grad_accum, grad_accum=t.grad_accum)
+        self._valid_batches: dict[str, list[dict]] | None = None
         self._stop = False
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -146,24 +183,37 @@ class Pretrainer:
         directory, tag = (self.ckpt_dir, None) if self.cfg.resume == "auto" else (Path(self.cfg.resume).parent,
                                                                                     Path(self.cfg.resume).name)
         if not (directory / "latest").exists() and tag is None:
-            return None  # resume=auto on a fresh output directory: start from scratch
+            return None  # resume=auto on a fresh output directory
         _, client = self.engine.load_checkpoint(str(directory), tag=tag)
         return client
 
     def _init_from(self, path: Path) -> None:
-        """Stage 2 starts from stage 1's weights (its output_dir, checkpoints/ or an export):
-        model only; optimizer, schedule and streams start afresh."""
-        export = path / "model.safetensors"
-        if export.exists():
+        """Start from another run's weights (stage 2 from stage 1): its export (``model.safetensors``
+        in ``path`` or ``path/export``), else its latest checkpoint; model only, while optimizer,
+        schedule and streams start afresh."""
+        export = next((p for p in (path / "model.safetensors", path / "export" / "model.safetensors") if p.is_file()),
+                      None)
+        ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if export is not None:
+            import deepspeed
             from safetensors.torch import load_file
 
-            self.engine.module.load_state_dict(load_file(export), strict=True)
-            return
-        ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        if not (ckpt / "latest").exists():
-            raise ConfigError(f"config key 'init_from': {path} holds no checkpoint (no latest) and no model.safetensors")
-        self.engine.load_checkpoint(str(ckpt), load_module_only=True, load_optimizer_states=False,
-                                    load_lr_scheduler_states=False)
+            state = load_file(export)
+            params = list(self.engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0,
+                                                   enabled=self.engine.zero_optimization_stage() == 3):
+                self.engine.module.load_state_dict(state, strict=True)
+        elif (ckpt / "latest").exists():
+            try:
+                self.engine.load_checkpoint(str(ckpt), load_module_only=True, load_optimizer_states=False,
+                                            load_lr_scheduler_states=False)
+            except KeyError as exc:  # DeepSpeed matches frozen parameters by name between the runs
+                raise ConfigError(f"config key 'init_from': {ckpt} was saved with other frozen parameters ({exc}); "
+                                  "start from its export (the run's export/ after it finishes)") from None
+        else:
+            raise ConfigError(f"config key 'init_from': {path} holds no model.safetensors and no checkpoint (no latest)")
+        if self.rank == 0:
+            print(f"[pretrain] weights from {export or ckpt}", flush=True)
 
     def export(self, directory: Path | None = None) -> Path:
         """The model as safetensors + its YAML config (rank 0 writes; every rank must call)."""
@@ -186,72 +236,178 @@ class Pretrainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> list[dict]:
         """Train to ``train.max_steps``; with ``stop_after``, stop (and checkpoint) at that step as a
-        preempted run would."""
+        preempted run would. Returns the training records of the steps run."""
         t, model = self.cfg.train, self.engine.module
         stop_after = stop_after if stop_after is not None else t.stop_after
         last = min(t.max_steps, stop_after) if stop_after is not None else t.max_steps
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        log_path = self.out / "metrics.jsonl"
-        bar = run = None
+        bar = None
+        self._wandb_run = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             from tqdm import tqdm
 
             bar = tqdm(total=last, initial=self.step, unit="step", desc=f"stage {self.cfg.stage}", mininterval=1.0)
-            run = self._wandb()
+            self._wandb_run = self._wandb()
+        train_feature_learners = self.cfg.stage == 1
         history = []
         try:
-            while self.step < last and not self._stop:
+            while self.step < last:
                 started = time.perf_counter()
                 wait = 0.0
-                record = {"step": self.step + 1, "molecules": {}}
+                sums: dict[str, torch.Tensor] = {}
+                counts = torch.zeros(len(SOURCE_NAMES) + 2, dtype=torch.float64)  # molecules per source, atoms, stop
                 for micro in range(t.grad_accum):
                     w0 = time.perf_counter()
                     _, source, batch = next(self.stream)
                     wait += time.perf_counter() - w0
-                    gen = torch.Generator().manual_seed(hash((t.seed, self.step, micro, self.rank)) & 0x7FFFFFFF)
-                    batch = move(batch, self.engine.device)
-                    with torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-                        losses = pretraining_losses(model, batch, self.cfg.objective, gen)
+                    counts[SOURCE_NAMES.index(source)] += batch["mask"].shape[0]
+                    counts[-2] += int(batch["num_atoms"].sum())  # still on the host: no device sync
+                    gen = torch.Generator(device=self.device).manual_seed(
+                        hash((t.seed, self.step, micro, self.rank)) & 0x7FFFFFFF)
+                    batch = move(batch, self.device)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+                        losses = pretraining_losses(model, batch, self.cfg.objective, gen,
+                                                    train_feature_learners=train_feature_learners)
                     self.engine.backward(losses["total"])
                     self.engine.step()
-                    n = int(batch["mask"].shape[0])
-                    record["molecules"][source] = record["molecules"].get(source, 0) + n * self.world
-                    self.seen[source] += n * self.world
-                    record["atoms"] = record.get("atoms", 0) + int(batch["mask"].sum()) * self.world
-                    for k, v in self._mean_over_ranks(losses).items():
-                        record[f"loss/{k}"] = record.get(f"loss/{k}", 0.0) + v / t.grad_accum
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+                counts[-1] = float(self._stop)
+                mean_losses, counts = self._reduce(sums, counts)
                 self.step += 1
                 elapsed = time.perf_counter() - started
+                molecules = {k: int(counts[i]) for i, k in enumerate(SOURCE_NAMES) if counts[i] > 0}
+                for k, n in molecules.items():
+                    self.seen[k] += n
                 grad_norm = self.engine.get_global_grad_norm()
-                mols = sum(record["molecules"].values())
-                record.update(seen=dict(self.seen), lr=self.engine.get_lr()[0], seconds=elapsed, loader_wait_share=wait / elapsed,
-                              grad_norm=float(grad_norm) if grad_norm is not None else None,
-                              molecules_per_s=mols / elapsed, atoms_per_s=record["atoms"] / elapsed)
+                record = {"split": "train", "step": self.step, "molecules": molecules,
+                          **{f"loss/{k}": v for k, v in mean_losses.items()}, "atoms": int(counts[-2]),
+                          "seen": dict(self.seen), "lr": self.engine.get_lr()[0], "seconds": elapsed,
+                          "loader_wait_share": wait / elapsed,
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "molecules_per_s": sum(molecules.values()) / elapsed, "atoms_per_s": counts[-2].item() / elapsed}
                 history.append(record)
                 if self.rank == 0:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss/total']:.3f}", mol_s=f"{record['molecules_per_s']:.0f}")
-                    if self.step % t.log_every == 0 or self.step == last:
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        if run is not None:
-                            run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
-                if self.step % t.save_every == 0:
+                    if self.step % t.log_every == 0 or self.step == last or counts[-1] > 0:
+                        self._log(record)
+                if counts[-1] > 0:  # a rank was asked to stop: all ranks checkpoint this step and exit
+                    self._stop = True
+                    if self.rank == 0:
+                        print(f"\n[pretrain] stop signal: checkpointing step {self.step} on every rank", flush=True)
+                    break
+                v = self.cfg.validation
+                if v.every and self.step % v.every == 0 and self.step < t.max_steps:
+                    self.validate()
+                if self.step % t.save_every == 0 and self.step < last:
                     self.save()
-            if self._stop or self.step < t.max_steps:
-                self.save()
-            else:
-                self.save()
-                self.export()
+            self.save()
+            if not self._stop and self.step >= t.max_steps:
+                self.validate()
+                export = self.export()
+                self.alignment(export)
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
             if bar is not None:
                 bar.close()
-            if run is not None:
-                run.finish()
+            if self._wandb_run is not None:
+                self._wandb_run.finish()
         return history
+
+    def _reduce(self, sums: dict[str, torch.Tensor], counts: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+        """One all-reduce per step: every loss averaged over the ranks, molecule and atom counts
+        summed, and the stop flag (any rank asked to stop). Loss names are the same on every rank
+        (every rank draws the same sources)."""
+        keys = sorted(sums)
+        values = torch.cat([torch.stack([sums[k] for k in keys]).double().cpu(), counts]) if keys else counts
+        if self.world > 1:
+            values = values.to(self.device)
+            torch.distributed.all_reduce(values)
+            values = values.cpu()
+        losses = {k: float(v) / self.world for k, v in zip(keys, values[:len(keys)].tolist())}
+        return losses, values[len(keys):]
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._wandb_run.log(flat, step=self.step)
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Every loss by name on each source's held-out molecules (fixed conformer, masks and
+        noise), averaged over molecules and ranks; logged as a ``valid`` record."""
+        if not self.valid_urls:
+            return {}
+        cfg, model = self.cfg, self.engine.module
+        if self._valid_batches is None:
+            v = cfg.validation
+            self._valid_batches = {
+                k: fixed_batches(urls, max_atoms=cfg.data.max_atoms, max_molecules=v.max_molecules,
+                                 max_spd=model.cfg.max_spd, max_path=model.cfg.max_path)
+                for k, urls in self.valid_urls.items()}
+        record: dict = {"split": "valid", "step": self.step}
+        was_training = model.training
+        model.eval()
+        try:
+            for source, batches in self._valid_batches.items():
+                if not batches:
+                    continue
+                sums: dict[str, torch.Tensor] = {}
+                n = torch.zeros(1, dtype=torch.float64)
+                # Every rank runs the same number of forward passes on the same modality (ZeRO-3
+                # gathers parameters collectively); a rank with no batch left repeats one at weight 0.
+                for i in range((len(batches) + self.world - 1) // self.world):
+                    j = i * self.world + self.rank
+                    batch = move(batches[j if j < len(batches) else 0], self.device)
+                    weight = float(batch["mask"].shape[0]) if j < len(batches) else 0.0
+                    gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 7919 + j)
+                    with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                         enabled=cfg.train.precision == "bf16"):
+                        losses = pretraining_losses(model, batch, cfg.objective, gen,
+                                                    train_feature_learners=cfg.stage == 1)
+                    for k, val in losses.items():
+                        sums[k] = sums.get(k, 0.0) + val.detach().double().cpu() * weight
+                    n += weight
+                keys = sorted(sums)
+                values = torch.cat([torch.stack([sums[k] for k in keys]).reshape(-1), n])
+                if self.world > 1:
+                    values = values.to(self.device)
+                    torch.distributed.all_reduce(values)
+                    values = values.cpu()
+                total = values[-1].item()
+                for k, val in zip(keys, values[:-1].tolist()):
+                    record[f"valid/{source}/{k}"] = val / total
+                record[f"valid/{source}/molecules"] = int(total)
+        finally:
+            model.train(was_training)
+        if self.rank == 0:
+            self._log(record)
+            shown = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items() if k.endswith("/total"))
+            print(f"\n[pretrain] step {self.step} validation: {shown}", flush=True)
+        return record
+
+    def alignment(self, export: Path) -> dict | None:
+        """The alignment report on held-out paired molecules, from the export (rank 0), written to
+        ``output_dir/alignment.json`` and logged."""
+        count = self.cfg.validation.alignment_count
+        urls = self.valid_urls.get("paired")
+        if self.rank != 0 or not count or not urls:
+            return None
+        from flexmol import load_pretrained
+        from flexmol.evaluate.alignment import alignment_report, format_report
+
+        model = load_pretrained(export).to(self.device)
+        report = alignment_report(model, urls, count=count, max_atoms=self.cfg.data.max_atoms, device=self.device)
+        (self.out / "alignment.json").write_text(json.dumps(report, indent=1) + "\n")
+        self._log({"split": "alignment", "step": self.step,
+                   **{f"alignment/{k}": v for k, v in _flatten(report).items()}})
+        print(format_report(report), flush=True)
+        return report
 
     def _wandb(self):
         """A wandb run, offline unless the config says otherwise (with no network and an API key
@@ -263,14 +419,22 @@ class Pretrainer:
         return wandb.init(project=self.cfg.wandb.project, mode=self.cfg.wandb.mode, dir=str(self.out),
                           config=_as_dict(self.cfg), resume="allow")
 
-    def _mean_over_ranks(self, losses: dict) -> dict[str, float]:
-        """Every loss averaged over the ranks (each rank holds its own batch), for logging."""
-        keys = sorted(losses)
-        values = torch.stack([losses[k].detach().float() for k in keys])
-        if self.world > 1:
-            torch.distributed.all_reduce(values)
-            values /= self.world
-        return dict(zip(keys, values.tolist()))
-
     def _on_signal(self, signum, frame) -> None:
-        self._stop = True  # finish this step, checkpoint, exit
+        self._stop = True  # finish this step; the ranks agree on stopping, checkpoint and exit
+
+
+def frozen_parameters(model: FlexMol, stage: int) -> dict[str, torch.nn.Parameter]:
+    """The parameters a stage keeps fixed: in stage 2, the feature learners (the decoders' teachers)."""
+    if stage == 1:
+        return {}
+    return {n: p for n, p in model.named_parameters() if n.startswith(("fl_2d.", "fl_3d."))}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
