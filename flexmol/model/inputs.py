@@ -14,21 +14,41 @@ from torch import nn
 from flexmol.chem.vocab import ATOM_FEATURE_SIZES, BOND_FEATURE_SIZES
 
 NUM_ELEMENTS = ATOM_FEATURE_SIZES[0]  # atomic numbers 0..118; 0 is padding
-MASK_Z = NUM_ELEMENTS  # the 3D input's [MASK] atom type; in 2D a masked atom has atomic_num 0
+MASK_Z = NUM_ELEMENTS  # the 3D input's [MASK] atom type; in 2D a masked atom is AtomEmbedding2D's mask token
 NUM_TYPES = NUM_ELEMENTS + 1
 
 
 class AtomEmbedding2D(nn.Module):
     """x_i = sum of one embedding per categorical atom feature. The degree column is the
-    centrality embedding of Graphormer, already one of the features."""
+    centrality embedding of Graphormer, already one of the features.
+
+    A masked atom (``atom_masked`` [B, N] True) is masked whole, as in Uni-Mol and Transformer-M:
+    its token is the learned ``mask_token`` [d] instead of the sum, so none of its categorical
+    features (degree, H count, charge, hybridisation, aromaticity... which give the element away)
+    reaches the model. Without ``atom_masked`` (fine-tuning, inference) the token is the sum.
+
+    State dict: ``mask_token`` is the one parameter besides the feature tables. Exports written
+    before it existed still load (strictly): the missing entry keeps its initial value, which only
+    pre-training with masked atoms ever reads.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.tables = nn.ModuleList(nn.Embedding(n, dim) for n in ATOM_FEATURE_SIZES)
+        self.mask_token = nn.Parameter(torch.randn(dim))  # the scale of nn.Embedding's init
 
-    def forward(self, atom_feat: torch.Tensor) -> torch.Tensor:
-        # atom_feat: [B, N, 9] long -> [B, N, d]
-        return sum(t(atom_feat[..., k]) for k, t in enumerate(self.tables))
+    def forward(self, atom_feat: torch.Tensor, atom_masked: torch.Tensor | None = None) -> torch.Tensor:
+        # atom_feat: [B, N, 9] long -> [B, N, d]; atom_masked: [B, N] bool or None
+        x = sum(t(atom_feat[..., k]) for k, t in enumerate(self.tables))
+        if atom_masked is None:
+            return x
+        return torch.where(atom_masked.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "mask_token"
+        if key not in state_dict and any(k.startswith(prefix + "tables.") for k in state_dict):
+            state_dict[key] = self.mask_token.detach().clone()  # an export from before the mask token
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class PairBias2D(nn.Module):

@@ -113,7 +113,9 @@ class FlexMol(nn.Module):
 
     # -- input representations ---------------------------------------------------------------
     def input_2d(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.atom_2d(batch["atom_feat"]), self.pair_2d(batch["spd"], batch["path_edges"], batch["edge_feat"])
+        # ``atom_masked`` [B, N] (pre-training only): those atoms' tokens are the mask token
+        x = self.atom_2d(batch["atom_feat"], batch.get("atom_masked"))
+        return x, self.pair_2d(batch["spd"], batch["path_edges"], batch["edge_feat"])
 
     def input_3d_repr(self, batch: dict, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.input_3d(batch["z"], pos, batch["mask"])

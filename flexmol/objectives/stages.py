@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from flexmol.model.inputs import MASK_Z
 from flexmol.model.network import FlexMol
-from flexmol.objectives.losses import ContrastiveLoss, atom_mse, pair_mse, pooled
+from flexmol.objectives.losses import ContrastiveLoss, atom_mse, gather_enabled, gather_mode, pair_mse, pooled
 
 
 @dataclass
@@ -27,19 +27,33 @@ class ObjectiveConfig:
     mask_prob: float = 0.15
     noise_std: float = 0.2  # Å
     temperature: float = 0.1
+    # L_cl negatives from every data-parallel rank: auto (when torch.distributed runs more than
+    # one rank) | on | off (this rank's batch only); YAML's booleans true / false read as on / off
+    gather_negatives: str = "auto"
 
 
-def _mask_atoms(batch: dict, prob: float, generator: torch.Generator | None) -> tuple[dict, torch.Tensor]:
+def validate_objective(cfg: ObjectiveConfig) -> None:
+    """Checks of the ``objective`` config section; raises ValueError naming the key."""
+    gather_mode(cfg.gather_negatives)
+    if not 0.0 <= cfg.mask_prob <= 1.0:
+        raise ValueError(f"config key 'objective.mask_prob': {cfg.mask_prob} is not in [0, 1]")
+    if cfg.temperature <= 0:
+        raise ValueError(f"config key 'objective.temperature': {cfg.temperature} must be positive")
+    if cfg.noise_std < 0:
+        raise ValueError(f"config key 'objective.noise_std': {cfg.noise_std} must not be negative")
+
+
+def mask_atoms(batch: dict, prob: float, generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor]:
+    """Mask each real atom with probability ``prob`` (at least one per batch). A masked atom is
+    masked whole: the batch gets ``atom_masked`` [B, N], which replaces the atom's 2D token by the
+    model's mask token (none of its categorical features is seen), and its 3D type becomes
+    ``MASK_Z``. Returns the masked batch and the picked atoms [B, N]."""
     real = batch["mask"]
     pick = (torch.rand(real.shape, generator=generator, device=real.device) < prob) & real
     if not pick.any():  # at least one masked atom per batch, so the loss is defined
         first = real.nonzero()[0]
         pick[first[0], first[1]] = True
-    masked = dict(batch)
-    if "atom_feat" in batch:
-        feat = batch["atom_feat"].clone()
-        feat[..., 0] = feat[..., 0].masked_fill(pick, 0)  # atomic number 0 = [MASK]
-        masked["atom_feat"] = feat
+    masked = dict(batch, atom_masked=pick)
     masked["z"] = batch["z"].masked_fill(pick, MASK_Z)
     return masked, pick
 
@@ -51,7 +65,8 @@ def _noised(batch: dict, std: float, generator: torch.Generator | None) -> torch
 
 
 def pretraining_losses(model: FlexMol, batch: dict, cfg: ObjectiveConfig,
-                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                       generator: torch.Generator | None = None, *,
+                       train_feature_learners: bool = True) -> dict[str, torch.Tensor]:
     """Losses for one batch; which ones depends on ``batch["modality"]``:
 
     - ``paired`` (stage 1): contrastive, consistency (both decoders, real targets), alignment (both
@@ -60,10 +75,15 @@ def pretraining_losses(model: FlexMol, batch: dict, cfg: ObjectiveConfig,
       atoms, SPD;
     - ``3d`` (stage 2): consistency of D_3->2 against the frozen 2D-FL's x~ = 2D-FL(y), coordinate
       denoising, distances.
+
+    ``generator`` (on the batch's device) drives the atom masking and the coordinate noise.
+    ``train_feature_learners`` is True in stage 1. In stage 2 (False) the feature learners are
+    frozen: no gradient reaches them; on paired batches ``alignment`` is still computed, without
+    gradient, for logging, and left out of ``total``.
     """
     modality, mask = batch["modality"], batch["mask"]
     # Atoms are masked only where the masked-atom loss is on (not for 3D-only molecules).
-    masked, picked = _mask_atoms(batch, cfg.mask_prob, generator) if modality != "3d" else (batch, None)
+    masked, picked = mask_atoms(batch, cfg.mask_prob, generator) if modality != "3d" else (batch, None)
     pos = _noised(batch, cfg.noise_std, generator) if modality in ("paired", "3d") else None
     out = model(masked, pos=pos)
     losses: dict[str, torch.Tensor] = {}
@@ -71,13 +91,14 @@ def pretraining_losses(model: FlexMol, batch: dict, cfg: ObjectiveConfig,
     if modality == "paired":
         z2 = model.proj_2d(pooled(out["x_f"], mask))
         z3 = model.proj_3d(pooled(out["y_f"], mask))
-        losses["contrastive"] = ContrastiveLoss(cfg.temperature)(z2, z3)
+        losses["contrastive"] = ContrastiveLoss(cfg.temperature, gather_enabled(cfg.gather_negatives))(z2, z3)
         losses["consistency"] = (
             atom_mse(out["y_hat"], out["y"].detach(), mask) + pair_mse(out["Q_hat"], out["Q"].detach(), mask)
             + atom_mse(out["x_hat"], out["x"].detach(), mask) + pair_mse(out["P_hat"], out["P"].detach(), mask)
         )
-        losses["alignment"] = (atom_mse(model.fl_3d(out["x"]), out["y"].detach(), mask)
-                               + atom_mse(model.fl_2d(out["y"]), out["x"].detach(), mask))
+        with torch.set_grad_enabled(train_feature_learners and torch.is_grad_enabled()):
+            losses["alignment"] = (atom_mse(model.fl_3d(out["x"]), out["y"].detach(), mask)
+                                   + atom_mse(model.fl_2d(out["y"]), out["x"].detach(), mask))
     elif modality == "2d":
         with torch.no_grad():  # the frozen 3D-FL: no gradient reaches it
             target = model.fl_3d(out["x"])
@@ -99,6 +120,6 @@ def pretraining_losses(model: FlexMol, batch: dict, cfg: ObjectiveConfig,
         dist = torch.cdist(true.float(), true.float())
         losses["dist"] = F.mse_loss(model.dist_head(out["pair"])[pm].float(), dist[pm])
 
-    weights = {k: getattr(cfg, k) for k in losses}
-    losses["total"] = sum(weights[k] * v for k, v in losses.items())
+    logged_only = set() if train_feature_learners else {"alignment"}
+    losses["total"] = sum(getattr(cfg, k) * v for k, v in losses.items() if k not in logged_only)
     return losses
