@@ -211,19 +211,21 @@ class MixedStream:
         return {"step": self.step, "taken": {k: s.taken for k, s in self.sources.items()}}
 
 
-def fixed_batches(urls: Sequence[str], *, max_atoms: int, max_molecules: int, max_spd: int = 8,
-                  max_path: int = 5) -> list[dict]:
-    """Evaluation batches: the first ``max_molecules`` records of ``urls`` in order, each with its
-    first conformer, batched by atom budget. The same on every call and every rank."""
+def heldout_records(urls: Sequence[str], max_molecules: int) -> list[dict]:
+    """Up to ``max_molecules`` records, an equal share from each shard of ``urls`` in order (so
+    every held-out dataset is represented). The same on every call and every rank."""
+    import itertools
+
     from flexmol.data.shards import read_shard
 
-    def records():
-        n = 0
-        for url in urls:
-            for rec in read_shard(Path(url)):
-                if n >= max_molecules:
-                    return
-                n += 1
-                yield rec
+    share = -(-max_molecules // max(1, len(urls)))
+    return list(itertools.islice(
+        itertools.chain.from_iterable(itertools.islice(read_shard(Path(u)), share) for u in urls), max_molecules))
 
-    return [collate(b, max_spd=max_spd, max_path=max_path) for b in atom_budget_batches(records(), max_atoms)]
+
+def fixed_batches(urls: Sequence[str], *, max_atoms: int, max_molecules: int, max_spd: int = 8,
+                  max_path: int = 5) -> list[dict]:
+    """Evaluation batches of :func:`heldout_records`, each molecule with its first conformer,
+    batched by atom budget."""
+    records = heldout_records(urls, max_molecules)
+    return [collate(b, max_spd=max_spd, max_path=max_path) for b in atom_budget_batches(records, max_atoms)]

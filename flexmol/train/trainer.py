@@ -7,18 +7,20 @@ and a resumed run draws exactly what the uninterrupted one would have.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from flexmol.config import ConfigError
 from flexmol.data.collate import move
 from flexmol.data.shards import load_manifest
-from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, dataset_urls, fixed_batches
+from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, dataset_urls, fixed_batches, heldout_records
 from flexmol.model import FlexMol
 from flexmol.model.summary import model_config
 from flexmol.objectives import pretraining_losses
@@ -80,23 +82,28 @@ def _checked_urls(cfg: PretrainConfig, section, key: str, prefix: str) -> list[s
 
 def split_sources(cfg: PretrainConfig) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
     """Training and held-out shards per source, and notes on what was decided. A source with
-    held-out directories in ``validation.<source>`` trains on all its shards; otherwise its last
-    ``validation.holdout_shards`` shards are held out when it has more than that."""
+    held-out directories in ``validation.<source>`` trains on all its shards; otherwise each of its
+    datasets holds out its last ``validation.holdout_shards`` shards when it has more than that."""
     train, valid, notes = {}, {}, []
     v = cfg.validation
     for key in SOURCE_NAMES:
         if not getattr(cfg.data, key):
             continue
-        urls = _checked_urls(cfg, cfg.data, key, "data")
         held = _checked_urls(cfg, v, key, "validation")
+        urls = []
+        for d in getattr(cfg.data, key):
+            got = _checked_urls(cfg, SimpleNamespace(**{key: [d]}), key, "data")
+            if not held and v.holdout_shards and len(got) > v.holdout_shards:
+                got, out = got[:-v.holdout_shards], got[-v.holdout_shards:]
+                held_here = valid.setdefault(key, [])
+                held_here += out
+                notes.append(f"{key}: {d}: {len(out)} of {len(got) + len(out)} shards held out for validation")
+            elif not held:
+                notes.append(f"{key}: {d}: no validation ({len(got)} shard(s), validation.holdout_shards="
+                             f"{v.holdout_shards}; set validation.{key}=[DIR] for a held-out dataset)")
+            urls += got
         if held:
             valid[key] = held
-        elif v.holdout_shards and len(urls) > v.holdout_shards:
-            urls, valid[key] = urls[:-v.holdout_shards], urls[-v.holdout_shards:]
-            notes.append(f"{key}: {len(valid[key])} of {len(urls) + len(valid[key])} shards held out for validation")
-        else:
-            notes.append(f"{key}: no validation ({len(urls)} shard(s), validation.holdout_shards="
-                         f"{v.holdout_shards}; set validation.{key}=[DIR] for a held-out dataset)")
         train[key] = urls
     return train, valid, notes
 
@@ -351,6 +358,9 @@ class Pretrainer:
                                  max_spd=model.cfg.max_spd, max_path=model.cfg.max_path)
                 for k, urls in self.valid_urls.items()}
         record: dict = {"split": "valid", "step": self.step}
+        # Each rank's held-out batches on their own: the validation figures do not depend on the
+        # world size (and weight-0 repeats do not enter other ranks' negatives).
+        objective = dataclasses.replace(cfg.objective, gather_negatives="off")
         was_training = model.training
         model.eval()
         try:
@@ -368,7 +378,7 @@ class Pretrainer:
                     gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 7919 + j)
                     with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                          enabled=cfg.train.precision == "bf16"):
-                        losses = pretraining_losses(model, batch, cfg.objective, gen,
+                        losses = pretraining_losses(model, batch, objective, gen,
                                                     train_feature_learners=cfg.stage == 1)
                     for k, val in losses.items():
                         sums[k] = sums.get(k, 0.0) + val.detach().double().cpu() * weight
@@ -399,13 +409,16 @@ class Pretrainer:
         if self.rank != 0 or not count or not urls:
             return None
         from flexmol import load_pretrained
-        from flexmol.evaluate.alignment import alignment_report, format_report
+        from flexmol.evaluate.alignment import flat_metrics, format_report, records_report
 
+        records = heldout_records(urls, count)
+        if len(records) < 2:
+            return None
         model = load_pretrained(export).to(self.device)
-        report = alignment_report(model, urls, count=count, max_atoms=self.cfg.data.max_atoms, device=self.device)
+        report = records_report(model, records, max_atoms=self.cfg.data.max_atoms, device=self.device)
+        report["data"] = list(urls)
         (self.out / "alignment.json").write_text(json.dumps(report, indent=1) + "\n")
-        self._log({"split": "alignment", "step": self.step,
-                   **{f"alignment/{k}": v for k, v in _flatten(report).items()}})
+        self._log({"split": "alignment", "step": self.step, **flat_metrics(report, prefix="alignment/")})
         print(format_report(report), flush=True)
         return report
 
@@ -428,13 +441,3 @@ def frozen_parameters(model: FlexMol, stage: int) -> dict[str, torch.nn.Paramete
     if stage == 1:
         return {}
     return {n: p for n, p in model.named_parameters() if n.startswith(("fl_2d.", "fl_3d."))}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = v
-    return out
