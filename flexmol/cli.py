@@ -102,11 +102,9 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    import runpy
+    from flexmol.train.cli import main
 
-    launcher = Path(__file__).resolve().parents[1] / "launch" / "pretrain.py"
-    module = runpy.run_path(str(launcher))
-    return module["main"](["--config", args.config, *args.overrides])
+    return main(["--config", args.config, *args.overrides])
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -198,6 +196,50 @@ def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_alignment(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from flexmol.evaluate.alignment import AlignmentError, alignment_report, check_datasets, format_report
+
+    def fail(why) -> int:
+        print(f"flexmol evaluate alignment: {why}", file=sys.stderr)
+        return 2
+
+    try:  # the data first: it is cheap to check, loading a checkpoint is not
+        if args.count < 2:
+            raise AlignmentError(f"--count must be at least 2 (got {args.count}): retrieval needs other "
+                                 "molecules to rank against")
+        check_datasets(args.data)
+    except AlignmentError as exc:
+        return fail(exc)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            return fail(f"--device {device}: no CUDA device here")
+    except RuntimeError as exc:
+        return fail(f"--device {device}: {exc}")
+    try:
+        model = _model(args.checkpoint)
+    except Exception as exc:  # noqa: BLE001 -- whatever the files hold, one line, not a traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return fail(f"checkpoint {args.checkpoint} does not load: {first}")
+    try:
+        report = alignment_report(model, args.data, count=args.count, max_atoms=args.max_atoms, device=device,
+                                  seed=args.seed)
+    except AlignmentError as exc:
+        return fail(exc)
+    report["checkpoint"] = str(args.checkpoint)
+    print(format_report(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"details: {out}")
+    return 0
+
+
 def _confgen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="pre-trained export: refine ETKDG conformers with its coordinate head")
     p.add_argument("--num-confs", type=int, default=2, help="conformers per molecule")
@@ -223,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     summ.set_defaults(func=cmd_model_summary)
 
     pre = sub.add_parser("pretrain", help="pre-training in one process (multi-GPU: deepspeed launch/pretrain.py)")
-    pre.add_argument("--config", required=True, help="configs/pretrain/stage1.yaml or stage2.yaml")
+    pre.add_argument("--config", required=True, help="stage1, stage2 (packaged) or a pre-training YAML file")
+    pre.epilog = ("Any config key can follow as key=value, e.g. data.paired=[shards/qm9] train.max_steps=100 "
+                  "validation.every=50 deepspeed=zero3.")
     pre.set_defaults(func=cmd_pretrain)
 
     cg = sub.add_parser("confgen", help="3D conformers from SMILES (ETKDG, refined by a checkpoint's coordinate head)")
@@ -244,6 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--out", default="outputs/confgen")
     _confgen_arguments(ec)
     ec.set_defaults(func=cmd_evaluate_confgen)
+    ea = ev.add_parser("alignment", help="did stage 1 align the modalities? retrieval, cosines, feature-learner "
+                                         "and decoder errors on held-out paired molecules",
+                       description="On the first --count molecules of held-out paired datasets: 2D->3D and 3D->2D "
+                                   "retrieval top-1/top-5 from the contrastive projections, matched and unmatched "
+                                   "cosine, and the feature learners' and decoders' MSE (absolute and relative to "
+                                   "the target variance). Exit 2 with the reason when the data or checkpoint is "
+                                   "unusable.")
+    ea.add_argument("--checkpoint", required=True, help="pre-trained export, or a pre-training output_dir with export/")
+    ea.add_argument("--data", nargs="+", action="extend", required=True, metavar="SHARDS",
+                    help="paired dataset directories (flexmol featurize ... --modality paired), read in order")
+    ea.add_argument("--count", type=int, default=1000, help="molecules to evaluate (at least 2)")
+    ea.add_argument("--max-atoms", type=int, default=4096, help="padded atoms per batch")
+    ea.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    ea.add_argument("--seed", type=int, default=0)
+    ea.add_argument("--out", help="write the report as JSON here")
+    ea.set_defaults(func=cmd_evaluate_alignment)
 
     from flexmol.finetune.cli import add_arguments as finetune_arguments
 

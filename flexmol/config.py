@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 MODALITIES = ("paired", "2d", "3d")
@@ -140,10 +141,80 @@ def validate_featurize(cfg: FeaturizeConfig) -> None:
     validate_featurizer(cfg.featurizer)
 
 
+# Configs the package itself needs, shipped inside it: ``configs/KIND/NAME.EXT``.
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+RESOURCE_SUFFIXES = {"model": ".yaml", "deepspeed": ".json", "pretrain": ".yaml", "finetune": ".yaml"}
+
+
+def resource_names(kind: str) -> List[str]:
+    """The names of the packaged configs of one kind (``model``: tiny, small, base)."""
+    return sorted(p.stem for p in (PACKAGE_CONFIGS / kind).glob(f"*{RESOURCE_SUFFIXES[kind]}"))
+
+
+def is_name(value: str | Path) -> bool:
+    """A bare name (``tiny``, ``zero2``): no directory part and no suffix."""
+    text = str(value)
+    return bool(text) and "/" not in text and os.sep not in text and not Path(text).suffix
+
+
+def resolve_resource(kind: str, name_or_path: str | Path, key: Optional[str] = None) -> Path:
+    """A packaged config named ``name_or_path`` (``model``/``tiny``, ``deepspeed``/``zero2``), or a file.
+
+    A bare name is looked up among the packaged configs of ``kind`` first, then taken as a file in
+    the working directory; anything else is a path (relative ones to the working directory). The
+    result is absolute; a missing file raises :class:`ConfigError` naming ``key`` and the packaged
+    names.
+    """
+    key = key or kind
+    if is_name(name_or_path):
+        packaged = PACKAGE_CONFIGS / kind / f"{name_or_path}{RESOURCE_SUFFIXES[kind]}"
+        if packaged.is_file():
+            return packaged
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.resolve()
+    what = "no such preset" if is_name(name_or_path) else "no such file"
+    raise ConfigError(f"{key} '{name_or_path}': {what} (known: {', '.join(resource_names(kind))}; or a file path)")
+
+
+def _rebase(value: Any, base: Path, names: bool) -> Any:
+    if isinstance(value, str) and value and not (names and is_name(value)):
+        path = Path(value).expanduser()
+        if not path.is_absolute() and (base / path).exists():
+            return str((base / path).resolve())
+    return value
+
+
+def load_file(path: str | Path, paths: Iterable[str] = (), names: Iterable[str] = ()) -> DictConfig:
+    """Read a YAML config file, its relative paths resolved against the file's directory.
+
+    ``paths`` and ``names`` are the dotted keys whose values (strings, or lists of strings) name
+    files or directories. A relative value that exists beside the file becomes that absolute path;
+    any other value stays as written (relative paths then mean the working directory, as on the
+    command line). Under ``names`` a bare name (``model.size: tiny``) is a packaged config's name and
+    stays one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = OmegaConf.load(path)
+    base = path.resolve().parent
+    for key, keep_names in [(k, False) for k in paths] + [(k, True) for k in names]:
+        value = OmegaConf.select(data, key, default=None)
+        if isinstance(value, ListConfig):
+            rebased = [_rebase(v, base, keep_names) for v in value]
+        else:
+            rebased = _rebase(value, base, keep_names)
+        if rebased != value:
+            OmegaConf.update(data, key, rebased, merge=False)
+    return data
+
+
 def build(schema: type, *sources: Any, overrides: Optional[List[str]] = None) -> Any:
     """Merge YAML files / dicts / ``key=value`` overrides onto ``schema``'s defaults.
 
     Returns a plain dataclass instance. Unknown keys and wrong types raise :class:`ConfigError`.
+    A file is read as written; :func:`load_file` resolves its relative paths first.
     """
     merged: DictConfig = OmegaConf.structured(schema)
     try:
@@ -151,10 +222,7 @@ def build(schema: type, *sources: Any, overrides: Optional[List[str]] = None) ->
             if src is None:
                 continue
             if isinstance(src, (str, Path)):
-                path = Path(src)
-                if not path.is_file():
-                    raise ConfigError(f"config file not found: {path}")
-                src = OmegaConf.load(path)
+                src = load_file(src)
             merged = OmegaConf.merge(merged, src)
         if overrides:
             for item in overrides:

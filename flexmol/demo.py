@@ -22,8 +22,6 @@ from flexmol import config
 from flexmol.data.shards import inspect
 from flexmol.featurize import FeaturizeError, run_featurize
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @dataclass
 class DemoConfig:
@@ -60,10 +58,8 @@ def _featurize(out: Path, cfg: DemoConfig) -> list:
     return reports
 
 
-def _pretrain(out: Path, cfg: DemoConfig) -> Path:
-    from flexmol.train.config import load
-    from flexmol.train.trainer import Pretrainer
-
+def pretrain_stages(out: Path, cfg: DemoConfig) -> list[tuple[str, Path, list[str]]]:
+    """The main job's two pre-training runs: (stage config, output directory, overrides)."""
     paired, single = out / "shards" / "qm9_paired", out / "shards" / "moses_2d"
     common = ["model.size=tiny", "wandb.mode=disabled", "resume=auto", "train.log_every=25"]
     ramp = (f"data.mix=[{{step: 0, weights: {{paired: 1.0, single_2d: 0.0}}}}, "
@@ -77,9 +73,16 @@ def _pretrain(out: Path, cfg: DemoConfig) -> Path:
                                          f"train.warmup_steps={max(1, cfg.stage2_steps // 10)}", "train.lr=1e-4",
                                          f"train.save_every={cfg.stage2_steps}", ramp]),
     ]
-    for name, directory, overrides in stages:
+    return [(name, directory, common + [f"output_dir={directory}"] + overrides) for name, directory, overrides in stages]
+
+
+def _pretrain(out: Path, cfg: DemoConfig) -> Path:
+    from flexmol.train.config import load
+    from flexmol.train.trainer import Pretrainer
+
+    for name, directory, overrides in pretrain_stages(out, cfg):
         _banner(f"pre-train {name.split('.')[0]} (tiny model, CPU) -> {directory}")
-        pcfg = load(REPO / "configs" / "pretrain" / name, common + [f"output_dir={directory}"] + overrides)
+        pcfg = load(config.PACKAGE_CONFIGS / "pretrain" / name, overrides)
         trainer = Pretrainer(pcfg)
         if trainer.step >= pcfg.train.max_steps:
             print(f"{directory}: finished before (step {trainer.step})")
@@ -92,10 +95,12 @@ def _finetune(out: Path, cfg: DemoConfig, checkpoint: Path) -> dict:
     from flexmol.finetune.config import load
     from flexmol.finetune.protocol import run_finetune, table
 
-    _banner(f"fine-tune on B3DB ({cfg.b3db_sample} molecules, scaffold split, {cfg.seeds} seeds): "
-            "LoRA on the pre-trained model vs scratch vs ECFP4 + RF")
+    _banner(f"fine-tune on B3DB ({cfg.b3db_sample} molecules, scaffold split, {cfg.seeds} seeds): the pre-trained "
+            "model with LoRA and fully fine-tuned vs the same architecture from scratch; linear probes on the "
+            "frozen embeddings of both (pre-trained, random initialisation); ECFP4 + RF")
     fcfg = load(DEFAULT_CONFIG, {"checkpoint": str(checkpoint), "out": str(out / "finetune_b3db"),
                                  "seeds": list(range(cfg.seeds)),
+                                 "baselines": ["flexmol_full", "scratch", "probe_flexmol", "probe_scratch", "ecfp_rf"],
                                  "data": {"source": "b3db", "targets": ["bbb"], "task": "classification",
                                           "subsample": cfg.b3db_sample},
                                  "lora": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r},

@@ -30,9 +30,33 @@ def test_values_out_of_range_are_named():
         config.validate_featurize(cfg)
 
 
+def _another_value(value):
+    """A different value of the same type (bool before int: a bool is an int)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "_other"
+    if isinstance(value, list):
+        return value[:-1]
+    raise TypeError(f"no other value for {value!r}: teach this test the new type")
+
+
 def test_featurizer_hash_changes_with_any_key():
-    assert FeaturizerConfig().digest() == FeaturizerConfig().digest()
-    assert FeaturizerConfig(seed=1).digest() != FeaturizerConfig().digest()
+    import dataclasses
+
+    base = FeaturizerConfig()
+    assert base.digest() == FeaturizerConfig().digest()
+    digests = {base.digest()}
+    keys = [f.name for f in dataclasses.fields(FeaturizerConfig)]
+    assert len(keys) >= 13
+    for key in keys:
+        changed = dataclasses.replace(base, **{key: _another_value(getattr(base, key))})
+        assert getattr(changed, key) != getattr(base, key)
+        assert changed.digest() != base.digest(), f"featurizer.{key} does not change the hash"
+        digests.add(changed.digest())
+    assert len(digests) == len(keys) + 1  # every key changes it differently
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "shards").glob("*.yaml")), ids=lambda p: p.name)

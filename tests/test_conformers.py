@@ -53,7 +53,20 @@ def test_explicit_hydrogen_conformers_include_hydrogen_positions():
     assert np.allclose(ch, 1.0, atol=0.12)  # C-H and O-H bonds
 
 
+# Buckminsterfullerene: ETKDG spends over ten seconds on the cage (and then fails) when nothing
+# stops it, far beyond RDKit's smallest time limit (one second).
+FULLERENE = ("c12c3c4c5c1c1c6c7c2c2c8c3c3c9c4c4c%10c5c5c1c1c6c6c%11c7c2c2c7c8c3c3c8c9c4c4c9c%10c5c5c1c1c6c6c%11"
+             "c2c2c7c3c3c8c4c4c9c5c1c1c6c2c3c41")
+
+
 def test_embedding_time_limit_and_size_limit_reject_with_reasons():
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(Rejected) as exc:
+        featurize(FULLERENE, embed_timeout_s=0.01, embed_max_attempts=1)
+    assert exc.value.code == "embed_timeout" and "featurizer.embed_timeout_s=0.01" in exc.value.reason
+    assert time.perf_counter() - started < 5  # cut short by the limit (1 s in RDKit), not a failed embedding
     with pytest.raises(Rejected) as exc:
         featurize("C" * 40, max_heavy_atoms=30)
     assert exc.value.code == "too_large" and "max_heavy_atoms" in exc.value.reason

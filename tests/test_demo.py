@@ -28,8 +28,23 @@ def test_demo_runs_the_whole_pipeline(tmp_path, qm9_rows):
     assert set(res["models"]) == {"flexmol", "scratch", "ecfp_rf"}
     assert res["checkpoint"] == str(tmp_path / "stage2" / "export")
     assert "flexmol" in out and "ecfp_rf" in out and "± " in out
-    # conformers scored on molecules outside the pre-training data
+    # conformers scored on QM9 molecules held out of the pre-training data: the demo excludes its
+    # own shards, and no scored molecule is in them (by InChIKey, the featuriser's identity)
     conf = json.loads((tmp_path / "confgen" / "confgen.json").read_text())
     assert conf["scores"]["etkdg"]["molecules"] == 4 and conf["scores"]["flexmol"]["molecules"] == 4
-    seen = {r.id for r in qm9_rows[:60]}
-    assert not seen & {m["id"] for m in conf["molecules"]}
+    assert str(tmp_path / "shards" / "qm9_paired") in conf["excluded_datasets"]
+    from rdkit import Chem
+
+    from flexmol.data.shards import read_shard, shard_paths
+
+    def key(smiles):
+        return Chem.MolToInchiKey(Chem.MolFromSmiles(smiles))
+
+    pretrained, counts = set(), {}
+    for name in ("qm9_paired", "moses_2d"):
+        records = [r for p in shard_paths(tmp_path / "shards" / name) for r in read_shard(p)]
+        counts[name] = len(records)
+        pretrained.update(k for r in records for k in (r["inchikey"], key(r["smiles"])))
+    assert counts["qm9_paired"] >= 40 and counts["moses_2d"] >= 250
+    held_out = {key(m["smiles"]) for m in conf["molecules"]}
+    assert len(held_out) == 4 and not held_out & pretrained

@@ -78,9 +78,9 @@ def test_two_ranks_train_a_one_shard_dataset_resume_exactly_and_count_every_rank
     urls = dataset_urls([str(qm9_one_shard)])
     per_rank = [_rank_stream(urls, r, monkeypatch, max_atoms=256, seed=0, shuffle_buffer=1000) for r in (0, 1)]
     sizes = [[int(b["mask"].shape[0]) for b in batches] for batches in per_rank]
-    assert sizes[0] != sizes[1]
-    assert [r["molecules"]["paired"] for r in straight] == [a + b for a, b in zip(*sizes)]
     atoms = [[int(b["num_atoms"].sum()) for b in batches] for batches in per_rank]
+    assert atoms[0] != atoms[1]  # so one rank's count times two would differ from the sum
+    assert [r["molecules"]["paired"] for r in straight] == [a + b for a, b in zip(*sizes)]
     assert [r["atoms"] for r in straight] == [a + b for a, b in zip(*atoms)]
     assert straight[-1]["seen"]["paired"] == sum(sizes[0]) + sum(sizes[1])
 

@@ -26,11 +26,35 @@ def test_csv_needs_a_smiles_column(tmp_path):
 
 
 def test_sdf_keeps_properties_as_labels(egfr_sdf):
-    from flexmol.config import SourceOptions
+    from rdkit import Chem
 
-    src = open_source(str(egfr_sdf), SourceOptions(label_columns=["pIC50"]) if "pIC50" in egfr_sdf.read_text()[:20000] else None)
-    items = list(src)
-    assert len(items) == 365 and all(r.kind == "molblock" for r in items)
+    from flexmol.chem import Featurizer
+    from flexmol.config import FeaturizerConfig, SourceOptions
+
+    # A number, an integer, a text and a property only some records carry (None where absent).
+    columns = ["r_mmffld_Potential_Energy-OPLS_2005", "Cluster", "MODEL.SOURCE", "s_st_Chirality_1"]
+    items = list(open_source(str(egfr_sdf), SourceOptions(id_column="id", label_columns=columns)))
+    reference = list(Chem.SDMolSupplier(str(egfr_sdf), sanitize=False, removeHs=False))  # RDKit's own reader
+    assert len(items) == len(reference) == 365 and all(r.kind == "molblock" for r in items)
+
+    def expected(mol, name):
+        if not mol.HasProp(name):
+            return None
+        text = mol.GetProp(name).strip()
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    for item, mol in zip(items, reference):
+        assert item.id == mol.GetProp("id")
+        assert item.labels == {c: expected(mol, c) for c in columns}
+    assert items[0].labels["r_mmffld_Potential_Energy-OPLS_2005"] == pytest.approx(-34.8187)
+    assert items[0].labels["Cluster"] == 1.0 and items[0].labels["MODEL.SOURCE"].startswith("CORINA")
+    carried = sum(item.labels["s_st_Chirality_1"] is not None for item in items)
+    assert carried == sum(mol.HasProp("s_st_Chirality_1") for mol in reference) == 111
+    # and the featuriser carries them into the record
+    assert Featurizer(FeaturizerConfig(), "2d")(items[0])["labels"] == items[0].labels
 
 
 def test_unknown_file_type_is_refused(tmp_path):

@@ -41,7 +41,8 @@ def generate_conformers(mol_h: Chem.Mol, cfg: FeaturizerConfig, seed: int) -> tu
         # The second attempt starts from random coordinates, RDKit's own remedy for molecules
         # whose eigenvalue embedding fails (large rings, cages).
         params.useRandomCoords = attempt > 0
-        cids = list(rdDistGeom.EmbedMultipleConfs(mol_h, cfg.num_conformers, params))
+        # A stopped embedding (time limit) returns [-1], not an empty list.
+        cids = [c for c in rdDistGeom.EmbedMultipleConfs(mol_h, cfg.num_conformers, params) if c >= 0]
         if cids:
             break
     if not cids:

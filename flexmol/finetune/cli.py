@@ -5,14 +5,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from flexmol import config
 from flexmol.config import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "default.yaml"
+DEFAULT_CONFIG = config.resolve_resource("finetune", "default")
+# Keys naming files: relative values in a --config file resolve against the file's directory when
+# they exist there; scratch_model also takes a packaged model's name (tiny, small, base).
+PATH_KEYS = ("checkpoint", "data.source")
+NAME_KEYS = ("scratch_model",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="pre-trained export (or pre-training output_dir); without it only "
-                                        "the baselines run")
+                                        "the arms that need none run")
     p.add_argument("--data", help="CSV/TSV with a SMILES column, or b3db, qm9, moleculenet:NAME")
     p.add_argument("--smiles-column")
     p.add_argument("--target", action="append", dest="targets", help="target column (repeat for multi-task)")
@@ -21,10 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("scaffold", "random"))
     p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1)")
     p.add_argument("--mode", choices=("2d", "3d", "both"), help="input modalities")
-    p.add_argument("--baselines", help="comma-separated baselines in the same table: scratch,ecfp_rf (the "
-                                       "default), one of them, or none")
+    p.add_argument("--baselines", help="comma-separated arms beside the pre-trained model with LoRA, in the same "
+                                       "table: flexmol_full (the checkpoint, every weight trained), scratch, "
+                                       "probe_flexmol, probe_scratch (linear probes on frozen embeddings), ecfp_rf; "
+                                       "all (the default: every arm that applies) or none")
     p.add_argument("--out", help="output directory (results.json, table.txt, runs/, rejects.jsonl)")
-    p.add_argument("--config", action="append", default=[], help="YAML merged onto configs/finetune/default.yaml")
+    p.add_argument("--config", action="append", default=[], help="YAML merged onto the packaged default "
+                                                                   "(flexmol/configs/finetune/default.yaml)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.epilog = "Any config key can follow as key=value, e.g. train.epochs=20 lora.r=16 data.limit=500."
 
@@ -52,8 +60,8 @@ def config_from(args: argparse.Namespace, overrides: list[str]):
         explicit["baselines"] = [] if names == ["none"] else names
     if args.out:
         explicit["out"] = args.out
-    base = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None  # the dataclass defaults are the same
-    return load(base, *args.config, explicit, overrides=overrides)
+    files = [config.load_file(path, PATH_KEYS, NAME_KEYS) for path in args.config]
+    return load(DEFAULT_CONFIG, *files, explicit, overrides=overrides)
 
 
 def main(argv=None) -> int:

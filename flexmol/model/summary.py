@@ -1,25 +1,17 @@
 """Model presets and parameter accounting."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
+from flexmol import config
 from flexmol.model.network import FlexMol, ModelConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+CONFIG_DIR = config.PACKAGE_CONFIGS / "model"
 
 
 def model_config(size_or_path: str, overrides: list[str] | None = None) -> ModelConfig:
-    """A preset name (tiny, small, base: ``configs/model/NAME.yaml``) or a YAML path."""
-    from flexmol import config
-
-    path = Path(size_or_path)
-    if not path.is_file():
-        path = CONFIG_DIR / f"{size_or_path}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise config.ConfigError(f"model.size '{size_or_path}': no such preset (known: {', '.join(known)})")
+    """A preset name (tiny, small, base: ``flexmol/configs/model/NAME.yaml``) or a YAML path."""
+    path = config.resolve_resource("model", size_or_path, key="model.size")
     return config.build(ModelConfig, path, overrides=overrides)
 
 

@@ -59,6 +59,23 @@ class TrainSection:
 
 
 @dataclass
+class ValidationSection:
+    """Held-out data per source, evaluated inside the loop (every loss by name)."""
+
+    every: int = 100  # optimizer steps between evaluations; 0: only at the end of the run
+    # Held-out dataset directories per source. A source without one holds out the last
+    # ``holdout_shards`` shards of its training data (when it has more shards than that).
+    paired: List[str] = field(default_factory=list)
+    single_2d: List[str] = field(default_factory=list)
+    single_3d: List[str] = field(default_factory=list)
+    holdout_shards: int = 1
+    max_molecules: int = 1000  # per source, the first ones of the held-out shards
+    # At the end of the stage, the alignment report (retrieval, cosines, feature-learner and
+    # decoder errors) on this many held-out paired molecules; 0 turns it off.
+    alignment_count: int = 500
+
+
+@dataclass
 class WandbSection:
     mode: str = "offline"  # offline | online | disabled
     project: str = "flexmol"
@@ -71,17 +88,36 @@ class PretrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     wandb: WandbSection = field(default_factory=WandbSection)
-    deepspeed: str = "configs/deepspeed/zero2.json"
+    deepspeed: str = "zero2"  # a packaged ZeRO config (zero1, zero2, zero3: flexmol/configs/deepspeed) or a JSON path
     output_dir: str = "outputs/pretrain"
     resume: str = "none"  # none | auto (latest checkpoint in output_dir) | a checkpoint path
     init_from: Optional[str] = None  # stage 2: the stage-1 checkpoint or export to start from
 
 
+# Keys naming files or directories: in a config file, a relative value resolves against the file's
+# directory when it exists there (flexmol.config.load_file); on the command line, against the
+# working directory. model.size and deepspeed also take the name of a packaged config.
+PATH_KEYS = ("data.paired", "data.single_2d", "data.single_3d", "validation.paired", "validation.single_2d",
+             "validation.single_3d", "init_from", "resume")
+NAME_KEYS = ("model.size", "deepspeed")
+
+
 def load(path: str | Path | None, overrides: Optional[List[str]] = None) -> PretrainConfig:
-    cfg = config.build(PretrainConfig, path, overrides=overrides)
+    """``path``: a YAML file, the name of a packaged stage config (stage1, stage2), or None (defaults)."""
+    if path is not None and config.is_name(path):
+        path = config.resolve_resource("pretrain", path, key="--config")
+    source = None if path is None else config.load_file(path, PATH_KEYS, NAME_KEYS)
+    cfg = config.build(PretrainConfig, source, overrides=overrides)
+    resolve_paths(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_paths(cfg: PretrainConfig) -> None:
+    """``cfg.deepspeed`` becomes the absolute path of its JSON (a packaged name or a file)."""
+    cfg.deepspeed = str(config.resolve_resource("deepspeed", cfg.deepspeed, key="deepspeed"))
 
 
 def validate(cfg: PretrainConfig) -> None:
@@ -99,6 +135,16 @@ def validate(cfg: PretrainConfig) -> None:
         fail("train.decay", f"'{cfg.train.decay}' is not one of cosine, linear, constant")
     if cfg.train.max_steps < 1 or cfg.train.grad_accum < 1:
         fail("train.max_steps", "steps and grad_accum must be positive")
+    from flexmol.objectives import validate_objective
+
+    try:
+        validate_objective(cfg.objective)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    v = cfg.validation
+    for key in ("every", "holdout_shards", "max_molecules", "alignment_count"):
+        if getattr(v, key) < 0:
+            fail(f"validation.{key}", f"must be 0 or more, got {getattr(v, key)}")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).exists():
         fail("resume", f"{cfg.resume} does not exist (none, auto or a checkpoint path)")
     if not (cfg.data.paired or cfg.data.single_2d or cfg.data.single_3d):
