@@ -1,6 +1,7 @@
-"""BENCHMARKS.md's fine-tuning table: BBBP, ESOL and ClinTox with the MoleculeNet protocol
-(scaffold split 80/10/10, 3 seeds, test metric at the best validation epoch), a pre-trained
-checkpoint with LoRA against the same architecture from scratch and ECFP4 + random forest.
+"""BENCHMARKS.md's fine-tuning table: BBBP, ESOL, ClinTox and B3DB with the MoleculeNet protocol
+(scaffold split 80/10/10, 3 seeds, test metric at the best validation epoch): the pre-trained
+checkpoint with LoRA and fully fine-tuned, the same architecture from scratch, linear probes on
+the frozen embeddings of both starting points, and ECFP4 + random forest, all on the same splits.
 
     FLEXMOL_MOLECULENET_DIR=../shared/data/moleculenet \\
         .venv/bin/python benchmarks/finetune.py --checkpoint outputs/bench/stage2 --out outputs/bench/ft
@@ -20,6 +21,7 @@ SETS = {
     "bbbp": ("moleculenet:bbbp", ["p_np"], "classification"),
     "esol": ("moleculenet:esol", ["logp"], "regression"),
     "clintox": ("moleculenet:clintox", ["FDA_APPROVED", "CT_TOX"], "classification"),
+    "b3db": ("b3db", ["bbb"], "classification"),
 }
 SETTINGS = ["train.epochs=30", "train.patience=8"]
 

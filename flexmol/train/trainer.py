@@ -140,6 +140,15 @@ class Pretrainer:
 
         torch.manual_seed(cfg.train.seed)
         model = FlexMol(model_config(cfg.model.size))
+        # A checkpoint in output_dir wins (the run resumes); otherwise init_from applies. An export
+        # is loaded before DeepSpeed wraps the model, so that the optimizer's fp32 master copies
+        # (ZeRO 1/2) and partitions (ZeRO 3) are made from it.
+        target = self._resume_target()
+        init_export = find_export(Path(cfg.init_from)) if cfg.init_from and target is None else None
+        if init_export is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(init_export), strict=True)
         # Stage 2: the feature learners are frozen teachers. Outside the optimizer (AdamW's weight
         # decay and momentum would move them even with zero gradients) and without gradients, set
         # once before DeepSpeed sees the model.
@@ -164,10 +173,11 @@ class Pretrainer:
         self.device = self.engine.device
         self.step = 0
         taken = {k: 0 for k in sources}
-        # A checkpoint in output_dir wins (the run resumes); otherwise init_from applies.
-        client = self._resume()
-        if client is None and cfg.init_from:
-            self._init_from(Path(cfg.init_from))
+        client = None
+        if target is not None:
+            _, client = self.engine.load_checkpoint(str(target[0]), tag=target[1])
+        elif cfg.init_from:
+            self._init_from(Path(cfg.init_from), init_export)
         self.seen = {k: 0 for k in sources}  # molecules seen per source, all ranks
         if client:
             self.step = client["step"]
@@ -184,40 +194,27 @@ class Pretrainer:
         self._stop = False
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _resume(self) -> dict | None:
+    def _resume_target(self) -> tuple[Path, str | None] | None:
+        """The checkpoint this run continues from: (directory, tag or None for its latest)."""
         if self.cfg.resume == "none":
             return None
-        directory, tag = (self.ckpt_dir, None) if self.cfg.resume == "auto" else (Path(self.cfg.resume).parent,
-                                                                                    Path(self.cfg.resume).name)
-        if not (directory / "latest").exists() and tag is None:
-            return None  # resume=auto on a fresh output directory
-        _, client = self.engine.load_checkpoint(str(directory), tag=tag)
-        return client
+        if self.cfg.resume == "auto":
+            return (self.ckpt_dir, None) if (self.ckpt_dir / "latest").exists() else None
+        return Path(self.cfg.resume).parent, Path(self.cfg.resume).name
 
-    def _init_from(self, path: Path) -> None:
-        """Start from another run's weights (stage 2 from stage 1): its export (``model.safetensors``
-        in ``path`` or ``path/export``), else its latest checkpoint; model only, while optimizer,
-        schedule and streams start afresh."""
-        export = next((p for p in (path / "model.safetensors", path / "export" / "model.safetensors") if p.is_file()),
-                      None)
+    def _init_from(self, path: Path, export: Path | None) -> None:
+        """Start from another run's weights (stage 2 from stage 1): its export (already loaded
+        into the model before DeepSpeed wrapped it), else its latest checkpoint (model only;
+        optimizer, schedule and streams start afresh)."""
         ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        if export is not None:
-            import deepspeed
-            from safetensors.torch import load_file
-
-            state = load_file(export)
-            params = list(self.engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0,
-                                                   enabled=self.engine.zero_optimization_stage() == 3):
-                self.engine.module.load_state_dict(state, strict=True)
-        elif (ckpt / "latest").exists():
+        if export is None and (ckpt / "latest").exists():
             try:
                 self.engine.load_checkpoint(str(ckpt), load_module_only=True, load_optimizer_states=False,
                                             load_lr_scheduler_states=False)
             except KeyError as exc:  # DeepSpeed matches frozen parameters by name between the runs
                 raise ConfigError(f"config key 'init_from': {ckpt} was saved with other frozen parameters ({exc}); "
                                   "start from its export (the run's export/ after it finishes)") from None
-        else:
+        elif export is None:
             raise ConfigError(f"config key 'init_from': {path} holds no model.safetensors and no checkpoint (no latest)")
         if self.rank == 0:
             print(f"[pretrain] weights from {export or ckpt}", flush=True)
@@ -434,6 +431,11 @@ class Pretrainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True  # finish this step; the ranks agree on stopping, checkpoint and exit
+
+
+def find_export(path: Path) -> Path | None:
+    """``model.safetensors`` in ``path`` or in ``path/export``, if there is one."""
+    return next((p for p in (path / "model.safetensors", path / "export" / "model.safetensors") if p.is_file()), None)
 
 
 def frozen_parameters(model: FlexMol, stage: int) -> dict[str, torch.nn.Parameter]:
