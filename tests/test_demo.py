@@ -25,7 +25,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, qm9_rows):
     # fine-tuned: the table and its results
     res = json.loads((tmp_path / "finetune_b3db" / "results.json").read_text())
     assert res["metric"] == "roc_auc" and len(res["per_seed"]) == 3 and res["split"]["kind"] == "scaffold"
-    assert set(res["models"]) == {"flexmol", "scratch", "ecfp_rf"}
+    assert set(res["models"]) == {"flexmol", "flexmol_full", "scratch", "probe_flexmol", "probe_scratch", "ecfp_rf"}
     assert res["checkpoint"] == str(tmp_path / "stage2" / "export")
     assert "flexmol" in out and "ecfp_rf" in out and "± " in out
     # conformers scored on QM9 molecules held out of the pre-training data: the demo excludes its

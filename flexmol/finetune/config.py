@@ -11,7 +11,18 @@ from flexmol.config import ConfigError, FeaturizerConfig
 TASKS = ("classification", "regression")
 METRICS = {"roc_auc": "classification", "rmse": "regression", "mae": "regression"}
 MODES = ("2d", "3d", "both")
-BASELINES = ("scratch", "ecfp_rf")
+# The arms beside the pre-trained model with LoRA (``flexmol``), in table order: how each is
+# trained and whether it starts from the checkpoint.
+BASELINES = ("flexmol_full", "scratch", "probe_flexmol", "probe_scratch", "ecfp_rf")
+NEEDS_CHECKPOINT = ("flexmol_full", "probe_flexmol")
+ARMS = {  # name: (training, pre-trained)
+    "flexmol": ("LoRA", True),
+    "flexmol_full": ("full", True),
+    "scratch": ("full", False),
+    "probe_flexmol": ("linear probe", True),
+    "probe_scratch": ("linear probe", False),
+    "ecfp_rf": ("ECFP4 + RF", None),
+}
 
 
 @dataclass
@@ -74,6 +85,17 @@ class RandomForestSection:
 
 
 @dataclass
+class ProbeSection:
+    """Linear probes on frozen embeddings: one model per target, its regularisation strength the
+    grid value with the best validation metric, ties to the earlier value (features standardised
+    on the training part)."""
+
+    c_grid: List[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])  # LogisticRegression C
+    alpha_grid: List[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0])  # Ridge alpha
+    max_iter: int = 2000  # LogisticRegression (lbfgs)
+
+
+@dataclass
 class FinetuneConfig:
     checkpoint: Optional[str] = None  # an export (model.safetensors + model.yaml) or a pre-training output_dir
     data: DataSection = field(default_factory=DataSection)
@@ -83,9 +105,12 @@ class FinetuneConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     head: HeadSection = field(default_factory=HeadSection)
     train: TrainSection = field(default_factory=TrainSection)
-    baselines: List[str] = field(default_factory=lambda: ["scratch", "ecfp_rf"])
+    # Arms beside the pre-trained model with LoRA: any of BASELINES, "all" (every arm that applies:
+    # those needing a checkpoint only when there is one) or none ([]).
+    baselines: List[str] = field(default_factory=lambda: ["all"])
     scratch_model: str = "tiny"  # the architecture trained from scratch when there is no checkpoint
     rf: RandomForestSection = field(default_factory=RandomForestSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
     featurizer: FeaturizerConfig = field(default_factory=lambda: FeaturizerConfig(num_conformers=1))
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda | cuda:N
     save_models: bool = True  # best-validation adapters + head (or full weights) per seed
@@ -106,6 +131,14 @@ def export_dir(checkpoint: str) -> Path:
             return cand
     raise ConfigError(f"config key 'checkpoint': {path} holds no model.safetensors + model.yaml "
                       "(an export, or a pre-training output_dir with export/)")
+
+
+def selected_baselines(cfg: FinetuneConfig) -> list[str]:
+    """The arms of ``cfg.baselines`` in table order, "all" expanded."""
+    names = set(cfg.baselines)
+    if "all" in names:
+        names |= {b for b in BASELINES if cfg.checkpoint or b not in NEEDS_CHECKPOINT}
+    return [b for b in BASELINES if b in names]
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -141,16 +174,26 @@ def validate(cfg: FinetuneConfig) -> None:
         fail("lora.r", "must be positive")
     if not cfg.lora.target_modules:
         fail("lora.target_modules", "empty")
-    unknown = [b for b in cfg.baselines if b not in BASELINES]
+    unknown = [b for b in cfg.baselines if b not in BASELINES + ("all",)]
     if unknown:
-        fail("baselines", f"{unknown} unknown; choose from {', '.join(BASELINES)}")
-    if not cfg.checkpoint and not cfg.baselines:
+        fail("baselines", f"{unknown} unknown; choose from {', '.join(BASELINES)} or all")
+    orphans = [b for b in cfg.baselines if b in NEEDS_CHECKPOINT and not cfg.checkpoint]
+    if orphans:
+        fail("baselines", f"{', '.join(orphans)} start{'s' if len(orphans) == 1 else ''} from the pre-trained model "
+                          "and there is none (set config key 'checkpoint' / --checkpoint)")
+    if not cfg.checkpoint and not selected_baselines(cfg):
         fail("baselines", "nothing to run: give a checkpoint, a baseline, or both")
     t = cfg.train
     if t.epochs < 1 or t.batch_size < 1 or t.eval_batch_size < 1 or t.patience < 1:
         fail("train", "epochs, batch_size, eval_batch_size and patience must be positive")
     if not 0 <= t.warmup_ratio < 1:
         fail("train.warmup_ratio", "must be in [0, 1)")
+    for key in ("c_grid", "alpha_grid"):
+        grid = getattr(cfg.probe, key)
+        if not grid or any(not v > 0 for v in grid):
+            fail(f"probe.{key}", f"{list(grid)}: give one or more positive values")
+    if cfg.probe.max_iter < 1:
+        fail("probe.max_iter", "must be positive")
     if cfg.checkpoint:
         export_dir(cfg.checkpoint)
     else:

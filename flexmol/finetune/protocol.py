@@ -1,6 +1,7 @@
-"""The fine-tuning protocol: every model (the pre-trained checkpoint with LoRA, then the baselines)
-x every seed on the same splits, results per run on disk as they finish (a rerun resumes), and
-the summary ``results.json`` with the table.
+"""The fine-tuning protocol: every model (the pre-trained checkpoint with LoRA, then the arms
+beside it: the checkpoint fully fine-tuned, the same architecture from scratch, linear probes on
+both models' frozen embeddings, ECFP4 + random forest) x every seed on the same splits, results
+per run on disk as they finish (a rerun resumes), and the summary ``results.json`` with the table.
 
 Runs are independent; under a launcher (``WORLD_SIZE`` > 1) rank r takes runs r, r + W, ...,
 and rank 0 writes the summary once every rank is done.
@@ -11,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from flexmol import config
-from flexmol.finetune.config import FinetuneConfig, export_dir
+from flexmol.finetune.config import ARMS, NEEDS_CHECKPOINT, FinetuneConfig, export_dir, selected_baselines
 from flexmol.finetune.data import TaskData, load_task_data
 from flexmol.finetune.split import Split, make_split
 from flexmol.finetune.trainer import console
@@ -32,8 +34,21 @@ def _device(cfg: FinetuneConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
+PRETRAINED = ("flexmol",) + NEEDS_CHECKPOINT  # the arms that start from the checkpoint
+PROBES = ("probe_flexmol", "probe_scratch")
+
+
 def model_names(cfg: FinetuneConfig) -> list[str]:
-    return (["flexmol"] if cfg.checkpoint else []) + list(cfg.baselines)
+    return (["flexmol"] if cfg.checkpoint else []) + selected_baselines(cfg)
+
+
+def training(cfg: FinetuneConfig, name: str) -> str:
+    """How arm ``name`` is trained, as the table says it."""
+    if name == "flexmol":
+        return f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full"
+    if name == "ecfp_rf":
+        return f"ECFP{2 * cfg.rf.radius} + RF"
+    return ARMS[name][0]
 
 
 def model_shape(cfg: FinetuneConfig):
@@ -56,6 +71,23 @@ def backbone(cfg: FinetuneConfig, pretrained: bool):
     return FlexMol(model_shape(cfg))
 
 
+_SHA256: dict = {}
+
+
+def checkpoint_sha256(cfg: FinetuneConfig) -> str:
+    """sha256 of the checkpoint's weights (read once per file version)."""
+    path = export_dir(cfg.checkpoint) / "model.safetensors"
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
 def run_digest(cfg: FinetuneConfig, name: str) -> str:
     """What model ``name``'s result for a seed depends on, and nothing else (not the device, the
     output folder, the other models or seeds): baselines run before a checkpoint exists are reused
@@ -65,14 +97,21 @@ def run_digest(cfg: FinetuneConfig, name: str) -> str:
             "featurizer": d["featurizer"], "mode": d["mode"]}
     if name == "ecfp_rf":
         keep["rf"] = d["rf"]
+        return _digest(keep)
+    if name in PROBES:
+        keep["probe"] = d["probe"]
     else:
         keep.update(head=d["head"], train=d["train"])
-        if name == "flexmol":
-            keep["lora"] = d["lora"]
-            keep["checkpoint_sha256"] = hashlib.sha256(
-                (export_dir(cfg.checkpoint) / "model.safetensors").read_bytes()).hexdigest()
-        else:  # scratch: only the architecture
-            keep["shape"] = config.to_dict(model_shape(cfg))
+    if name == "flexmol":
+        keep["lora"] = d["lora"]
+    if name in PRETRAINED:
+        keep["checkpoint_sha256"] = checkpoint_sha256(cfg)
+    else:  # scratch, probe_scratch: only the architecture (its initialisation is the seed's)
+        keep["shape"] = config.to_dict(model_shape(cfg))
+    return _digest(keep)
+
+
+def _digest(keep: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -87,7 +126,31 @@ def check_classes(labels: np.ndarray, split: Split, targets: list[str], what: st
                              "split.fractions)")
 
 
-def _run_one(name: str, seed: int, data: TaskData, split: Split, cfg: FinetuneConfig, run_dir: Path, device) -> dict:
+def probe_features(name: str, seed: int, data: TaskData, cfg: FinetuneConfig, device, cache: dict | None = None):
+    """The frozen embeddings [n, d] a probe arm fits on, with the seconds they took: the
+    checkpoint's (the same for every seed, so computed once per ``cache``) or those of the
+    architecture freshly initialised with ``torch.manual_seed(seed)`` — the initial backbone of
+    the ``scratch`` arm's run with that seed."""
+    from flexmol.finetune.probe import embeddings
+
+    key = (name,) if name == "probe_flexmol" else (name, seed)
+    if cache is not None and key in cache:
+        return cache[key], 0.0
+    start = time.perf_counter()
+    if name == "probe_flexmol":
+        model = backbone(cfg, True)
+    else:
+        torch.manual_seed(seed)
+        model = backbone(cfg, False)
+    x = embeddings(model.to(device), data, cfg.mode, cfg.train.eval_batch_size, device)
+    if cache is not None:
+        cache.clear()  # one model's embeddings held at a time
+        cache[key] = x
+    return x, time.perf_counter() - start
+
+
+def _run_one(name: str, seed: int, data: TaskData, split: Split, cfg: FinetuneConfig, run_dir: Path, device,
+             cache: dict | None = None) -> dict:
     metric = cfg.data.metric
     label = f"[{name} seed {seed}]"
     if name == "ecfp_rf":
@@ -96,24 +159,38 @@ def _run_one(name: str, seed: int, data: TaskData, split: Split, cfg: FinetuneCo
         console(f"{label} ECFP{2 * cfg.rf.radius} ({cfg.rf.bits} bits) + random forest ({cfg.rf.n_estimators} trees)")
         result = random_forest_seed(ecfp(data.smiles, cfg.rf.radius, cfg.rf.bits), data.labels, split, seed,
                                     data.task, metric, cfg.rf)
+    elif name in PROBES:
+        from flexmol.finetune.probe import linear_probe
+
+        x, took = probe_features(name, seed, data, cfg, device, cache)
+        what = "LogisticRegression" if data.task == "classification" else "Ridge"
+        console(f"{label} linear probe ({what}) on frozen {x.shape[1]}-d embeddings of the "
+                f"{'pre-trained' if name == 'probe_flexmol' else 'randomly initialised'} model, mode {cfg.mode} "
+                f"({len(x)} molecules embedded in {took:.1f}s)" if took else
+                f"{label} linear probe ({what}) on the same frozen {x.shape[1]}-d embeddings")
+        result = linear_probe(x, data.labels, split, seed, data.task, metric, cfg.probe, data.targets)
+        result["embed_seconds"] = round(took, 1)
+        result["seconds"] = round(result["seconds"] + took, 1)
     else:
         from flexmol.finetune.model import build_task_model, save_task_model
         from flexmol.finetune.trainer import train_seed
 
         torch.manual_seed(seed)  # the head's (and the scratch model's) initialisation
-        pretrained = name == "flexmol"
+        pretrained = name in PRETRAINED
+        lora = name == "flexmol" and cfg.lora.enabled
         model = build_task_model(
-            backbone(cfg, pretrained), data.labels.shape[1], lora=pretrained and cfg.lora.enabled, r=cfg.lora.r,
+            backbone(cfg, pretrained), data.labels.shape[1], lora=lora, r=cfg.lora.r,
             alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
             head_hidden=cfg.head.hidden, head_dropout=cfg.head.dropout).to(device)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        console(f"{label} {'LoRA r=%d' % cfg.lora.r if pretrained and cfg.lora.enabled else 'all weights'}: "
+        console(f"{label} {'LoRA r=%d' % cfg.lora.r if lora else 'all weights'}"
+                f"{' from the checkpoint' if pretrained else ' from a random initialisation'}: "
                 f"{n_train:,} of {n_all:,} parameters trained; mode {cfg.mode}")
         result = train_seed(model, data, split, seed, cfg, metric, device, label, console)
         if cfg.save_models:
             meta = {"model": name, "seed": seed, "targets": data.targets, "task": data.task, "mode": cfg.mode,
-                    "checkpoint": cfg.checkpoint}
+                    "training": training(cfg, name), "checkpoint": cfg.checkpoint if pretrained else None}
             save_task_model(model, run_dir / "model", meta)
     pred = result.pop("_test_pred")
     _write_predictions(run_dir / "test_predictions.csv", data, split.test, pred)
@@ -139,13 +216,18 @@ def _summary(runs: list[dict], metric: str) -> dict:
 
 
 def table(results: dict) -> str:
+    """One row per arm, saying how it was trained and whether it started from the checkpoint."""
     metric = results["metric"]
     head = (f"{results['data']['source']} — {metric}, {results['split']['kind']} split, "
-            f"{len(results['seeds'])} seeds, mode {results['mode']} (test at the best validation epoch)")
-    lines = [head, f"{'model':<10} {'test':>17} {'valid':>8}  per seed"]
+            f"{len(results['seeds'])} seeds, mode {results['mode']} (test at the best validation epoch; "
+            "probes: at the best validation regularisation)")
+    width = max([13] + [len(n) for n in results["models"]])
+    lines = [head, f"{'model':<{width}} {'training':<12} {'pre-trained':<11} {'test':>17} {'valid':>8}  per seed"]
     for name, s in results["models"].items():
         per = " ".join(f"{v:.3f}" for v in s["per_seed"])
-        lines.append(f"{name:<10} {s['mean']:>8.3f} ± {s['std']:<6.3f} {s['valid_mean']:>8.3f}  {per}")
+        pre = {True: "yes", False: "no"}.get(s.get("pretrained"), "-")
+        lines.append(f"{name:<{width}} {s.get('training', ''):<12} {pre:<11} {s['mean']:>8.3f} ± {s['std']:<6.3f} "
+                     f"{s['valid_mean']:>8.3f}  {per}")
     return "\n".join(lines)
 
 
@@ -194,6 +276,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         for seed, sp in splits.items():
             check_classes(data.labels, sp, data.targets, f"{cfg.split.kind} split (seed {seed})")
     jobs = [(name, seed) for name in model_names(cfg) for seed in cfg.seeds]
+    cache: dict = {}  # the probes' embeddings
     for j, (name, seed) in enumerate(jobs):
         if j % world != rank:
             continue
@@ -205,7 +288,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 console(f"[{name} seed {seed}] done before: test {prev['test']:.4f} ({done})")
                 continue
             console(f"[{name} seed {seed}] {done} is from another configuration; running again")
-        result = _run_one(name, seed, data, splits[seed], cfg, run_dir, device)
+        result = _run_one(name, seed, data, splits[seed], cfg, run_dir, device, cache)
         result.update(model=name, digest=digests[name], split=splits[seed].sizes(), rank=rank)
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -219,7 +302,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     models = {}
     for name in model_names(cfg):
         runs = [json.loads((out / "runs" / name / f"seed{s}" / "result.json").read_text()) for s in cfg.seeds]
-        models[name] = _summary(runs, metric)
+        models[name] = {**_summary(runs, metric), "training": training(cfg, name), "pretrained": ARMS[name][1]}
     first = models[model_names(cfg)[0]]
     split0 = splits[cfg.seeds[0]]
     results = {
@@ -229,6 +312,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                  "rejected_by_reason": _count(data.rejects)},
         "split": {"kind": cfg.split.kind, "fractions": list(cfg.split.fractions), **split0.sizes()},
         "mode": cfg.mode, "checkpoint": cfg.checkpoint, "lora": asdict(cfg.lora) if cfg.checkpoint else None,
+        "probe": asdict(cfg.probe) if any(n in PROBES for n in models) else None,
         "digests": digests,
     }
     tmp = out / "results.json.tmp"
