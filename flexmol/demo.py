@@ -3,10 +3,11 @@
 1. featurise a QM9 subset as paired 2D+3D data (DFT geometries) and a MOSES subset as 2D-only
    data, both through the Ray job, and check both datasets;
 2. pre-train the tiny model: stage 1 on the paired data, stage 2 from it on MOSES 2D mixed with
-   the paired data;
-3. fine-tune on B3DB (blood-brain barrier, classification) with the scaffold split and 3 seeds,
-   LoRA on the pre-trained model next to the same model trained from scratch and ECFP4 + random
-   forest, and print the table;
+   the paired data, each validated on held-out shards and ending with the alignment report;
+3. fine-tune on B3DB (blood-brain barrier, classification) with the scaffold split and 3 seeds:
+   LoRA and full fine-tuning of the pre-trained model, the same model trained from scratch,
+   linear probes on the frozen embeddings of the pre-trained and the random-initialised model,
+   and ECFP4 + random forest, all on the same splits; print the table;
 4. score conformation generation on held-out QM9 molecules against RDKit ETKDG.
 
 Every step writes under ``--out``; a rerun finds finished featurisations, checkpoints and
