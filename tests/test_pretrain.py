@@ -60,14 +60,15 @@ def _losses(out):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_a_one_shard_dataset_resume_exactly_and_count_every_rank(qm9_one_shard, tmp_path,
-                                                                                monkeypatch):
+def test_two_ranks_train_a_one_shard_dataset_resume_exactly_and_count_every_rank(qm9_one_shard, qm9_paired,
+                                                                                tmp_path, monkeypatch):
     from flexmol.data.streams import dataset_urls
 
     stage1 = os.path.join(os.path.dirname(__file__), "..", "configs", "pretrain", "stage1.yaml")
     base = [f"data.paired=[{qm9_one_shard}]", "data.num_workers=1", "data.max_atoms=256", "train.warmup_steps=1",
             "train.max_steps=4", "train.log_every=1", "train.save_every=100", "deepspeed=configs/deepspeed/zero2.json",
-            "validation.holdout_shards=0", "wandb.mode=disabled"]
+            "validation.holdout_shards=0", "wandb.mode=disabled", f"validation.paired=[{qm9_paired}]",
+            "validation.every=2", "validation.max_molecules=70", "validation.alignment_count=30"]
     _launch(stage1, base + [f"output_dir={tmp_path / 'a'}"], 29621)
     _launch(stage1, base + [f"output_dir={tmp_path / 'b'}", "train.stop_after=2"], 29622)
     _launch(stage1, base + [f"output_dir={tmp_path / 'b'}", "resume=auto"], 29623)
@@ -83,6 +84,19 @@ def test_two_ranks_train_a_one_shard_dataset_resume_exactly_and_count_every_rank
     assert [r["molecules"]["paired"] for r in straight] == [a + b for a, b in zip(*sizes)]
     assert [r["atoms"] for r in straight] == [a + b for a, b in zip(*atoms)]
     assert straight[-1]["seen"]["paired"] == sum(sizes[0]) + sum(sizes[1])
+    # validation at two ranks: both ranks' held-out batches, the same figures as one process
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [2, 4] and all(r["valid/paired/molecules"] == 70 for r in valid)
+    assert [r["split"] for r in records].count("alignment") == 1
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    one = Pretrainer(tc.load(stage1, [f"data.paired=[{qm9_one_shard}]", f"validation.paired=[{qm9_paired}]",
+                                      "validation.max_molecules=70", "data.max_atoms=256", "wandb.mode=disabled",
+                                      f"init_from={tmp_path / 'a'}", f"output_dir={tmp_path / 'one'}"]))
+    single = one.validate()
+    assert single["valid/paired/total"] == pytest.approx(valid[-1]["valid/paired/total"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -173,6 +187,9 @@ def test_start_up_errors_name_the_problem(qm9_paired, tmp_path):
     with pytest.raises(ConfigError, match="'validation.paired'.*not a finished dataset"):
         Pretrainer(tc.load(stage1, [f"data.paired=[{qm9_paired}]", f"validation.paired=[{tmp_path}]",
                                     f"output_dir={tmp_path / 'o'}"]))
+    with pytest.raises(ConfigError, match="'validation.paired'.*also in data.paired"):
+        Pretrainer(tc.load(stage1, [f"data.paired=[{qm9_paired}]", f"validation.paired=[{qm9_paired}]",
+                                    f"output_dir={tmp_path / 'o'}"]))
     with pytest.raises(ConfigError, match="'data.single_2d'.*holds paired data"):
         Pretrainer(tc.load(stage1, [f"data.paired=[{qm9_paired}]", f"data.single_2d=[{qm9_paired}]",
                                     f"output_dir={tmp_path / 'o'}"]))
@@ -197,7 +214,7 @@ def test_zero_stage_configs_train_resume_and_export(qm9_paired, tmp_path, zero):
     assert second.returncode == 0, second.stderr[-3000:]
     import flexmol
     flexmol.load_pretrained(out / "export")
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [r["step"] for r in _losses(out)] == [1, 2]
 
 
 @pytest.mark.slow
@@ -362,3 +379,22 @@ def _rank_stream(urls, rank, monkeypatch, steps=4, **kw):
         m.setenv("WORLD_SIZE", "2")
         s = SourceStream("paired", urls, num_workers=0, **kw)
         return [next(s) for _ in range(steps)]
+
+
+@pytest.mark.slow
+def test_stage_two_starts_from_an_unfinished_stage_one_checkpoint(qm9_paired, nci_2d, tmp_path):
+    """A stage 1 stopped before its end has no export: stage 2 takes its latest checkpoint's weights."""
+    import torch
+
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    s1 = Pretrainer(tc.load(STAGE[1], SMALL + [f"data.paired=[{qm9_paired}]", "train.max_steps=5", "train.seed=1",
+                                               f"output_dir={tmp_path / 's1'}"]))
+    s1.run(stop_after=2)
+    assert not (tmp_path / "s1" / "export").exists()
+    weights = {k: v.clone() for k, v in s1.engine.module.state_dict().items()}
+    s2 = Pretrainer(tc.load(STAGE[2], SMALL + [f"data.paired=[{qm9_paired}]", f"data.single_2d=[{nci_2d}]",
+                                               f"init_from={tmp_path / 's1'}", f"output_dir={tmp_path / 's2'}"]))
+    start = s2.engine.module.state_dict()
+    assert all(torch.equal(start[k], weights[k]) for k in weights)

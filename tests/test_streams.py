@@ -162,3 +162,24 @@ def test_training_samples_one_conformer_per_molecule_per_draw_and_resumes_exactl
     # evaluation always uses the first conformer
     fixed = fixed_batches(urls, max_atoms=128, max_molecules=40)
     assert {k for b in fixed for _, k in (_conformer_index(b, i, records) for i in range(len(b["num_atoms"])))} == {0}
+
+
+def _rows(batch):
+    n = batch["num_atoms"]
+    return {(tuple(batch["z"][i, :n[i]].tolist()), tuple(map(tuple, batch["atom_feat"][i, :n[i]].tolist())))
+            for i in range(len(n))}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_reading_a_source_with_too_few_shards_get_disjoint_molecules(nci_2d, monkeypatch, workers):
+    urls = dataset_urls([str(nci_2d)])[:1]  # one shard of 50 molecules for 2 ranks
+    seen = {}
+    for rank in (0, 1):
+        with monkeypatch.context() as m:
+            m.setenv("RANK", str(rank))
+            m.setenv("WORLD_SIZE", "2")
+            stream = SourceStream("single_2d", urls, max_atoms=512, seed=0, shuffle_buffer=20, num_workers=workers)
+            seen[rank] = set().union(*(_rows(next(stream)) for _ in range(6)))
+    assert seen[0] and seen[1]
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) <= 50

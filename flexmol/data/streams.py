@@ -121,6 +121,43 @@ def _shuffle(bufsize: int, seed: int):
     return stage
 
 
+def _shard_sizes(urls: Sequence[str]) -> list[int]:
+    sizes = {}
+    for url in urls:
+        d = Path(url).parent
+        if d not in sizes:
+            sizes[d] = {s["name"]: s["samples"] for s in load_manifest(d)["shards"]}
+    return [sizes[Path(u).parent].get(Path(u).name, 0) for u in urls]
+
+
+def split_samples(urls: Sequence[str], num_workers: int):
+    """Pipeline stage: when a source has fewer shards than ranks x loader workers, each of them
+    keeps a disjoint share of every shard's records (by position in the shard), so that ranks do
+    not train on the same molecules in the same step; with enough shards, resampling already gives
+    each its own. Shards smaller than the number of shares are read whole."""
+    sizes = _shard_sizes(urls)
+
+    def stage(samples):
+        rank, world, worker, _ = wds.utils.pytorch_worker_info()
+        groups = world * max(1, num_workers)
+        if len(urls) >= groups or min(sizes) < groups:
+            yield from samples
+            return
+        mine = rank * max(1, num_workers) + worker
+        url = key = None
+        position = 0
+        for sample in samples:
+            # a new shard starts where the url changes or the keys (increasing in a shard) restart
+            if sample.get("__url__") != url or key is None or sample["__key__"] <= key:
+                position = 0
+            url, key = sample.get("__url__"), sample["__key__"]
+            if position % groups == mine:
+                yield sample
+            position += 1
+
+    return stage
+
+
 def sample_conformer(seed: int):
     """Pipeline stage: each record keeps one of its K conformers, drawn per record by this worker's
     seeded RNG (so a resumed stream draws what the uninterrupted one did)."""
@@ -149,6 +186,7 @@ def source_pipeline(urls: Sequence[str], *, max_atoms: int, seed: int, shuffle_b
     return wds.DataPipeline(
         wds.ResampledShards(list(urls), seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
+        split_samples(urls, num_workers),
         _shuffle(shuffle_buffer, seed) if shuffle_buffer > 1 else wds.identity,
         wds.map(decode_sample),
         sample_conformer(seed),

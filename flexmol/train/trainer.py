@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -90,6 +91,10 @@ def split_sources(cfg: PretrainConfig) -> tuple[dict[str, list[str]], dict[str, 
         if not getattr(cfg.data, key):
             continue
         held = _checked_urls(cfg, v, key, "validation")
+        both = {str(Path(d).resolve()) for d in getattr(v, key)} & {str(Path(d).resolve()) for d in getattr(cfg.data, key)}
+        if both:
+            raise ConfigError(f"config key 'validation.{key}': {sorted(both)} also in data.{key}; held-out data "
+                              "must not be trained on")
         urls = []
         for d in getattr(cfg.data, key):
             got = _checked_urls(cfg, SimpleNamespace(**{key: [d]}), key, "data")
@@ -144,11 +149,9 @@ class Pretrainer:
         # is loaded before DeepSpeed wraps the model, so that the optimizer's fp32 master copies
         # (ZeRO 1/2) and partitions (ZeRO 3) are made from it.
         target = self._resume_target()
-        init_export = find_export(Path(cfg.init_from)) if cfg.init_from and target is None else None
-        if init_export is not None:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(init_export), strict=True)
+        if cfg.init_from and target is None:
+            state, self.init_source = initial_weights(Path(cfg.init_from), model)
+            model.load_state_dict(state, strict=True)
         # Stage 2: the feature learners are frozen teachers. Outside the optimizer (AdamW's weight
         # decay and momentum would move them even with zero gradients) and without gradients, set
         # once before DeepSpeed sees the model.
@@ -176,8 +179,9 @@ class Pretrainer:
         client = None
         if target is not None:
             _, client = self.engine.load_checkpoint(str(target[0]), tag=target[1])
-        elif cfg.init_from:
-            self._init_from(Path(cfg.init_from), init_export)
+        elif cfg.init_from and self.rank == 0:
+            print(f"[pretrain] weights from {self.init_source}", flush=True)
+        self._wandb_run = None
         self.seen = {k: 0 for k in sources}  # molecules seen per source, all ranks
         if client:
             self.step = client["step"]
@@ -201,23 +205,6 @@ class Pretrainer:
         if self.cfg.resume == "auto":
             return (self.ckpt_dir, None) if (self.ckpt_dir / "latest").exists() else None
         return Path(self.cfg.resume).parent, Path(self.cfg.resume).name
-
-    def _init_from(self, path: Path, export: Path | None) -> None:
-        """Start from another run's weights (stage 2 from stage 1): its export (already loaded
-        into the model before DeepSpeed wrapped it), else its latest checkpoint (model only;
-        optimizer, schedule and streams start afresh)."""
-        ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        if export is None and (ckpt / "latest").exists():
-            try:
-                self.engine.load_checkpoint(str(ckpt), load_module_only=True, load_optimizer_states=False,
-                                            load_lr_scheduler_states=False)
-            except KeyError as exc:  # DeepSpeed matches frozen parameters by name between the runs
-                raise ConfigError(f"config key 'init_from': {ckpt} was saved with other frozen parameters ({exc}); "
-                                  "start from its export (the run's export/ after it finishes)") from None
-        elif export is None:
-            raise ConfigError(f"config key 'init_from': {path} holds no model.safetensors and no checkpoint (no latest)")
-        if self.rank == 0:
-            print(f"[pretrain] weights from {export or ckpt}", flush=True)
 
     def export(self, directory: Path | None = None) -> Path:
         """The model as safetensors + its YAML config (rank 0 writes; every rank must call)."""
@@ -244,6 +231,10 @@ class Pretrainer:
         t, model = self.cfg.train, self.engine.module
         stop_after = stop_after if stop_after is not None else t.stop_after
         last = min(t.max_steps, stop_after) if stop_after is not None else t.max_steps
+        if self.step >= t.max_steps:  # a finished run: its checkpoint, export and report stay as they are
+            if self.rank == 0:
+                print(f"[pretrain] {self.out}: finished before (step {self.step}); nothing to do", flush=True)
+            return []
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = None
         self._wandb_run = None
@@ -255,11 +246,13 @@ class Pretrainer:
             self._wandb_run = self._wandb()
         train_feature_learners = self.cfg.stage == 1
         history = []
+        stopped = False  # agreed by every rank (the signal handler's flag is this rank's only)
         try:
             while self.step < last:
                 started = time.perf_counter()
                 wait = 0.0
                 sums: dict[str, torch.Tensor] = {}
+                computed: dict[str, int] = {}
                 counts = torch.zeros(len(SOURCE_NAMES) + 2, dtype=torch.float64)  # molecules per source, atoms, stop
                 for micro in range(t.grad_accum):
                     w0 = time.perf_counter()
@@ -275,10 +268,11 @@ class Pretrainer:
                                                     train_feature_learners=train_feature_learners)
                     self.engine.backward(losses["total"])
                     self.engine.step()
-                    for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+                    for k, v in losses.items():  # averaged over the micro-batches that have it
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                        computed[k] = computed.get(k, 0) + 1
                 counts[-1] = float(self._stop)
-                mean_losses, counts = self._reduce(sums, counts)
+                mean_losses, counts = self._reduce({k: v / computed[k] for k, v in sums.items()}, counts)
                 self.step += 1
                 elapsed = time.perf_counter() - started
                 molecules = {k: int(counts[i]) for i, k in enumerate(SOURCE_NAMES) if counts[i] > 0}
@@ -298,7 +292,7 @@ class Pretrainer:
                     if self.step % t.log_every == 0 or self.step == last or counts[-1] > 0:
                         self._log(record)
                 if counts[-1] > 0:  # a rank was asked to stop: all ranks checkpoint this step and exit
-                    self._stop = True
+                    stopped = True
                     if self.rank == 0:
                         print(f"\n[pretrain] stop signal: checkpointing step {self.step} on every rank", flush=True)
                     break
@@ -308,9 +302,9 @@ class Pretrainer:
                 if self.step % t.save_every == 0 and self.step < last:
                     self.save()
             self.save()
-            if not self._stop and self.step >= t.max_steps:
-                self.validate()
+            if not stopped and self.step >= t.max_steps:
                 export = self.export()
+                self.validate()
                 self.alignment(export)
         finally:
             for s, h in previous.items():
@@ -335,6 +329,7 @@ class Pretrainer:
         return losses, values[len(keys):]
 
     def _log(self, record: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
@@ -431,6 +426,34 @@ class Pretrainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True  # finish this step; the ranks agree on stopping, checkpoint and exit
+
+
+def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor], Path]:
+    """The weights ``init_from`` names (stage 2 from stage 1), read before DeepSpeed wraps the
+    model so that the optimizer's fp32 copies (ZeRO 1/2) and partitions (ZeRO 3) are made from
+    them: the run's export (``model.safetensors`` in ``path`` or ``path/export``), else the module
+    weights of its latest checkpoint (written whole by ZeRO 1 and 2). Model only: optimizer,
+    schedule and streams start afresh."""
+    export = find_export(path)
+    if export is not None:
+        from safetensors.torch import load_file
+
+        return load_file(export), export
+    ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not (ckpt / "latest").is_file():
+        raise ConfigError(f"config key 'init_from': {path} holds no model.safetensors and no checkpoint (no latest)")
+    tag = (ckpt / "latest").read_text().strip()
+    file = ckpt / tag / "mp_rank_00_model_states.pt"
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            saved = torch.load(file, map_location="cpu", weights_only=True)["module"]
+    except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"config key 'init_from': cannot read {file} ({exc})") from None
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if any(k not in saved or saved[k].shape != shape for k, shape in shapes.items()):
+        raise ConfigError(f"config key 'init_from': {file} does not hold this model's weights whole (a ZeRO-3 "
+                          f"checkpoint, or another model size); start from the run's export/ (written when it finishes)")
+    return {k: saved[k] for k in shapes}, ckpt / tag
 
 
 def find_export(path: Path) -> Path | None:
