@@ -1,4 +1,4 @@
-"""The fine-tuning configuration (``configs/finetune/default.yaml``), overridable as ``key=value``."""
+"""The fine-tuning configuration (``flexmol/configs/finetune/default.yaml``, shipped in the package), overridable as ``key=value``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

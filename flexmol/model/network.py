@@ -14,7 +14,7 @@ from flexmol.model.layers import FeedForward, PairTransformer, SharedAttention, 
 
 @dataclass
 class ModelConfig:
-    """Sizes; the presets are ``configs/model/{tiny,small,base}.yaml``."""
+    """Sizes; the presets are ``flexmol/configs/model/{tiny,small,base}.yaml`` (shipped in the package)."""
 
     dim: int = 64  # d
     heads: int = 4  # H

@@ -16,7 +16,7 @@ from flexmol.objectives import ObjectiveConfig
 
 @dataclass
 class ModelSection:
-    size: str = "tiny"  # configs/model/NAME.yaml, or a path to a model YAML
+    size: str = "tiny"  # a packaged preset (tiny, small, base: flexmol/configs/model) or a model YAML
 
 
 @dataclass
