@@ -105,6 +105,17 @@ def test_a_wheel_installed_elsewhere_runs_outside_the_repository(tmp_path):
     assert summary.stdout.startswith("FlexMol tiny: d=64,")
     assert summary.stdout.strip().splitlines()[-1].startswith("total parameters: ")
 
+    # the pre-training command runs from the package: its stage config and ZeRO config are found,
+    # and a missing dataset is one line naming the key, exit 2
+    missing = elsewhere / "no_such_dataset"
+    pretrain = subprocess.run([sys.executable, "-m", "flexmol.cli", "pretrain", "--config", "stage1",
+                               f"data.paired=[{missing}]", "wandb.mode=disabled"],
+                              capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu"}, cwd=elsewhere,
+                              timeout=600)
+    assert pretrain.returncode == 2, pretrain.stdout[-2000:] + pretrain.stderr[-2000:]
+    assert f"'data.paired': {missing} is not a finished dataset" in pretrain.stderr
+    assert "Traceback" not in pretrain.stderr
+
 
 def test_names_resolve_in_the_package_and_config_paths_beside_their_file(tmp_path, monkeypatch):
     import argparse
