@@ -36,8 +36,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint")
     p.add_argument("--out", default="outputs/bench/ft")
-    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {','.join(SETS)}")
     args, overrides = p.parse_known_args()
+    args.sets = [x for x in args.sets.split(",") if x]
+    unknown = sorted(set(args.sets) - set(SETS))
+    if unknown:
+        p.error(f"--sets: unknown {unknown}; choose from {', '.join(SETS)}")
     summary = {}
     for name in args.sets:
         source, targets, task = SETS[name]
