@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${BENCH_OUT:-outputs/bench}
 STEPS=${STEPS:-500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT/ablation"
 for off in none contrastive consistency alignment atom coord spd dist; do
   run="$OUT/ablation/$off"
   extra=()
