@@ -398,3 +398,30 @@ def test_stage_two_starts_from_an_unfinished_stage_one_checkpoint(qm9_paired, nc
                                                f"init_from={tmp_path / 's1'}", f"output_dir={tmp_path / 's2'}"]))
     start = s2.engine.module.state_dict()
     assert all(torch.equal(start[k], weights[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_a_run_cut_while_closing_closes_on_resume_and_a_finished_run_does_nothing(qm9_paired, tmp_path, monkeypatch):
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    overrides = SMALL[:-1] + [f"data.paired=[{qm9_paired}]", "train.max_steps=2", "validation.alignment_count=20",
+                              f"output_dir={tmp_path / 'r'}", "resume=auto"]
+
+    def killed(self, directory=None):
+        raise KeyboardInterrupt("killed while exporting")
+
+    with monkeypatch.context() as m:
+        m.setattr(Pretrainer, "export", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Pretrainer(tc.load(STAGE[1], overrides)).run()
+    assert (tmp_path / "r" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert not (tmp_path / "r" / "export").exists()
+    again = Pretrainer(tc.load(STAGE[1], overrides))
+    assert again.step == 2 and again.run() == []
+    export = tmp_path / "r" / "export" / "model.safetensors"
+    assert export.is_file() and (tmp_path / "r" / "alignment.json").is_file()
+    stamp = export.stat().st_mtime_ns
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert Pretrainer(tc.load(STAGE[1], overrides)).run() == []
+    assert export.stat().st_mtime_ns == stamp and (tmp_path / "r" / "metrics.jsonl").read_text() == lines

@@ -4,7 +4,8 @@
   ``ResampledShards(deterministic=True)`` seeded by (seed, rank, worker, epoch), a shuffle buffer
   and a conformer draw seeded by (seed, rank, worker), decoding, atom-budget batching and
   collation inside the DataLoader workers. Every rank and worker resamples shards on its own, so
-  a dataset of one shard feeds any number of ranks and workers.
+  a dataset of one shard feeds any number of ranks and workers; with fewer shards than readers,
+  each reader keeps a disjoint share of every shard.
 - The source of each micro-batch is drawn by an RNG seeded from (seed, optimizer step, micro-batch)
   alone, with the schedule's weights at that optimizer step, so every rank draws the same source
   and runs the same modules (ZeRO-3 deadlocks otherwise) and a ramp "by step" means optimizer steps
@@ -133,14 +134,15 @@ def _shard_sizes(urls: Sequence[str]) -> list[int]:
 def split_samples(urls: Sequence[str], num_workers: int):
     """Pipeline stage: when a source has fewer shards than ranks x loader workers, each of them
     keeps a disjoint share of every shard's records (by position in the shard), so that ranks do
-    not train on the same molecules in the same step; with enough shards, resampling already gives
-    each its own. Shards smaller than the number of shares are read whole."""
-    sizes = _shard_sizes(urls)
+    not train on the same molecules in the same step (with more shards than readers, resampling
+    spreads them over the shards, though two may still read one shard at times). A shard smaller
+    than the number of shares is read whole, so that no reader is left without records."""
+    sizes = dict(zip(urls, _shard_sizes(urls)))
 
     def stage(samples):
         rank, world, worker, _ = wds.utils.pytorch_worker_info()
         groups = world * max(1, num_workers)
-        if len(urls) >= groups or min(sizes) < groups:
+        if len(urls) >= groups:
             yield from samples
             return
         mine = rank * max(1, num_workers) + worker
@@ -151,7 +153,7 @@ def split_samples(urls: Sequence[str], num_workers: int):
             if sample.get("__url__") != url or key is None or sample["__key__"] <= key:
                 position = 0
             url, key = sample.get("__url__"), sample["__key__"]
-            if position % groups == mine:
+            if sizes.get(url, 0) < groups or position % groups == mine:
                 yield sample
             position += 1
 

@@ -231,7 +231,10 @@ class Pretrainer:
         t, model = self.cfg.train, self.engine.module
         stop_after = stop_after if stop_after is not None else t.stop_after
         last = min(t.max_steps, stop_after) if stop_after is not None else t.max_steps
-        if self.step >= t.max_steps:  # a finished run: its checkpoint, export and report stay as they are
+        closed = (self.out / "alignment.json").is_file() or not self.valid_urls.get("paired") \
+            or not self.cfg.validation.alignment_count
+        if self.step >= t.max_steps and find_export(self.out) is not None and closed:
+            # a finished run: its checkpoint, export and reports stay as they are
             if self.rank == 0:
                 print(f"[pretrain] {self.out}: finished before (step {self.step}); nothing to do", flush=True)
             return []
@@ -301,8 +304,9 @@ class Pretrainer:
                     self.validate()
                 if self.step % t.save_every == 0 and self.step < last:
                     self.save()
-            self.save()
-            if not stopped and self.step >= t.max_steps:
+            if history or stopped:
+                self.save()
+            if not stopped and self.step >= t.max_steps:  # (again, if a run was stopped while closing)
                 export = self.export()
                 self.validate()
                 self.alignment(export)
@@ -444,6 +448,9 @@ def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor]
         raise ConfigError(f"config key 'init_from': {path} holds no model.safetensors and no checkpoint (no latest)")
     tag = (ckpt / "latest").read_text().strip()
     file = ckpt / tag / "mp_rank_00_model_states.pt"
+    if not file.is_file() and any((ckpt / tag).glob("zero_pp_rank_*_model_states.pt")):
+        raise ConfigError(f"config key 'init_from': {ckpt / tag} is a ZeRO-3 checkpoint (weights partitioned over "
+                          "ranks); start from the run's export/ (written when it finishes)")
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             saved = torch.load(file, map_location="cpu", weights_only=True)["module"]
