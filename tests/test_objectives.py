@@ -217,7 +217,7 @@ def test_gathered_negatives_at_world_size_two_match_one_process_holding_the_whol
             if p.is_alive():
                 p.terminate()
         assert [p.exitcode for p in procs] == [0] * world
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
     h2d, h3d, p2, p3 = contrastive_problem()
     reference = ContrastiveLoss(0.1)(p2(h2d), p3(h3d))

@@ -128,8 +128,8 @@ def test_inspect_catches_a_shard_whose_records_do_not_decode(dataset, tmp_path):
     with wds.TarWriter(str(path)) as sink:
         sink.write({"__key__": "m000000000", "msgpack": b"\xc1not msgpack"})
     m = json.loads((dataset / "manifest.json").read_text())
-    from flexmol.data.shards import _sha256
-    m["shards"][0].update(bytes=path.stat().st_size, sha256=_sha256(path))
+    from flexmol.data.shards import file_sha256
+    m["shards"][0].update(bytes=path.stat().st_size, sha256=file_sha256(path))
     (dataset / "manifest.json").write_text(json.dumps(m))
     report = inspect(dataset)
     assert not report.ok and any("unreadable" in p for p in report.problems)

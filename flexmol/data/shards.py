@@ -61,7 +61,7 @@ def _write_members(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[in
         raw.flush()
         os.fsync(raw.fileno())
     size = tmp.stat().st_size
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
     return count, size, digest
 
@@ -97,7 +97,7 @@ def filter_shard(path: Path, drop: set[int]) -> tuple[tuple[int, int, str], list
     return _write_members(path, kept()), dropped
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -194,7 +194,7 @@ def inspect(directory: Path, decode: bool = True) -> InspectReport:
         if size != s["bytes"]:
             report.problems.append(f"{s['name']}: {size} bytes, manifest says {s['bytes']} (truncated or altered)")
             continue
-        if _sha256(path) != s["sha256"]:
+        if file_sha256(path) != s["sha256"]:
             report.problems.append(f"{s['name']}: sha256 differs from the manifest (corrupted)")
             continue
         if decode:

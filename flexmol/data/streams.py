@@ -83,6 +83,7 @@ class MixingSchedule:
         """The source of micro-batch ``micro`` of optimizer step ``step``: a function of (seed, step,
         micro) only, identical on every rank; the weights are the schedule's at ``step``."""
         w = self._raw(step)
+        # micro 0 keeps the (seed, step) draw of runs without gradient accumulation
         rng = np.random.default_rng([seed, step] if micro == 0 else [seed, step, micro])
         return self.available[int(rng.choice(len(w), p=w / w.sum()))]
 

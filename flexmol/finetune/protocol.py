@@ -80,11 +80,9 @@ def checkpoint_sha256(cfg: FinetuneConfig) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        _SHA256[key] = h.hexdigest()
+        from flexmol.data.shards import file_sha256
+
+        _SHA256[key] = file_sha256(path)
     return _SHA256[key]
 
 

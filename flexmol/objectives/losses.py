@@ -86,7 +86,7 @@ class ContrastiveLoss(torch.nn.Module):
         group, world = self.group, dist.get_world_size(self.group)
         counts = [torch.zeros(1, dtype=torch.long, device=a.device) for _ in range(world)]
         dist.all_gather(counts, torch.tensor([len(a)], dtype=torch.long, device=a.device), group=group)
-        sizes = [int(c.item()) for c in counts]
+        sizes = torch.cat(counts).tolist()  # one host sync: the padding needs the sizes
         all_a, all_b = _gather_rows(a, sizes, group), _gather_rows(b, sizes, group)
         offset = sum(sizes[: dist.get_rank(group)])
         total = _symmetric_infonce_sum(a, b, all_a, all_b, offset, self.temperature)

@@ -14,7 +14,6 @@ import pickle
 import signal
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -64,19 +63,19 @@ def _as_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def _checked_urls(cfg: PretrainConfig, section, key: str, prefix: str) -> list[str]:
-    """The shards of ``<prefix>.<key>``, refusing at start-up what would fail later."""
+def _checked_urls(dirs, key: str, modality: str) -> list[str]:
+    """The shards of the datasets ``dirs`` given as config key ``key``, refusing at start-up what
+    would fail later."""
     urls = []
-    for d in getattr(section, key):
+    for d in dirs:
         if not (Path(d) / "manifest.json").exists():
-            raise ConfigError(f"config key '{prefix}.{key}': {d} is not a finished dataset (no manifest.json)")
-        modality = load_manifest(Path(d)).get("modality")
-        if modality != MODALITY[key]:
-            raise ConfigError(f"config key '{prefix}.{key}': {d} holds {modality} data; this slot takes "
-                              f"{MODALITY[key]} datasets")
+            raise ConfigError(f"config key '{key}': {d} is not a finished dataset (no manifest.json)")
+        held = load_manifest(Path(d)).get("modality")
+        if held != modality:
+            raise ConfigError(f"config key '{key}': {d} holds {held} data; this slot takes {modality} datasets")
         got = dataset_urls([d])
         if not got:
-            raise ConfigError(f"config key '{prefix}.{key}': {d} holds no molecules")
+            raise ConfigError(f"config key '{key}': {d} holds no molecules")
         urls += got
     return urls
 
@@ -88,28 +87,26 @@ def split_sources(cfg: PretrainConfig) -> tuple[dict[str, list[str]], dict[str, 
     train, valid, notes = {}, {}, []
     v = cfg.validation
     for key in SOURCE_NAMES:
-        if not getattr(cfg.data, key):
+        data_dirs, valid_dirs = getattr(cfg.data, key), getattr(v, key)
+        if not data_dirs:
             continue
-        held = _checked_urls(cfg, v, key, "validation")
-        both = {str(Path(d).resolve()) for d in getattr(v, key)} & {str(Path(d).resolve()) for d in getattr(cfg.data, key)}
+        both = {str(Path(d).resolve()) for d in valid_dirs} & {str(Path(d).resolve()) for d in data_dirs}
         if both:
             raise ConfigError(f"config key 'validation.{key}': {sorted(both)} also in data.{key}; held-out data "
                               "must not be trained on")
-        urls = []
-        for d in getattr(cfg.data, key):
-            got = _checked_urls(cfg, SimpleNamespace(**{key: [d]}), key, "data")
-            if not held and v.holdout_shards and len(got) > v.holdout_shards:
+        if valid_dirs:
+            valid[key] = _checked_urls(valid_dirs, f"validation.{key}", MODALITY[key])
+        train[key] = []
+        for d in data_dirs:
+            got = _checked_urls([d], f"data.{key}", MODALITY[key])
+            if not valid_dirs and v.holdout_shards and len(got) > v.holdout_shards:
                 got, out = got[:-v.holdout_shards], got[-v.holdout_shards:]
-                held_here = valid.setdefault(key, [])
-                held_here += out
+                valid.setdefault(key, []).extend(out)
                 notes.append(f"{key}: {d}: {len(out)} of {len(got) + len(out)} shards held out for validation")
-            elif not held:
+            elif not valid_dirs:
                 notes.append(f"{key}: {d}: no validation ({len(got)} shard(s), validation.holdout_shards="
                              f"{v.holdout_shards}; set validation.{key}=[DIR] for a held-out dataset)")
-            urls += got
-        if held:
-            valid[key] = held
-        train[key] = urls
+            train[key] += got
     return train, valid, notes
 
 
