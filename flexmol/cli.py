@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -10,8 +12,8 @@ from flexmol.config import ConfigError
 
 
 def _featurize_parser(sub) -> None:
-    p = sub.add_parser("featurize", help="build a dataset of WebDataset shards from a source",
-                       description="Featurise SOURCE (a .smi/.csv/.tsv/.sdf/.xyz file, or moses, qm9, b3db, "
+    p = _sub(sub, "featurize", "build a dataset of WebDataset shards from a source",
+                       "Featurise SOURCE (a .smi/.csv/.tsv/.sdf/.xyz file, or moses, qm9, b3db, "
                                    "moleculenet:NAME) into a dataset directory. Exit 0 when the job finishes, "
                                    "whatever it rejected; rejected inputs are in DIR/rejects.jsonl.")
     add_featurize_arguments(p)
@@ -19,17 +21,20 @@ def _featurize_parser(sub) -> None:
 
 def add_featurize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", help="file or named set (may come from --recipe)")
-    p.add_argument("--out", help="dataset directory")
-    p.add_argument("--modality", choices=("paired", "2d", "3d"))
-    p.add_argument("--limit", type=int, help="featurise only the first N inputs")
+    p.add_argument("--out", help="dataset directory (a finished one is reused; an unfinished one resumed)")
+    p.add_argument("--modality", choices=("paired", "2d", "3d"),
+                   help="paired: 2D graph + 3D conformers; 2d: graph only; 3d: conformers only (config: paired)")
+    p.add_argument("--limit", type=int, help="featurise only the first N inputs (config: all)")
     p.add_argument("--recipe", help="dataset recipe YAML (e.g. shards/qm9.yaml); arguments override it")
     p.add_argument("--config", action="append", default=[], help="extra YAML merged onto the config")
-    p.add_argument("--executor", choices=("ray", "serial"))
-    p.add_argument("--shard-size", type=int)
-    p.add_argument("--smiles-column")
-    p.add_argument("--id-column")
-    p.add_argument("--label-column", action="append", dest="label_columns")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--executor", choices=("ray", "serial"),
+                   help="ray: parallel tasks on the local cores or a cluster; serial: in this process (config: ray)")
+    p.add_argument("--shard-size", type=int, help="molecules per shard (config: 0, i.e. 1000 for 3D/paired, 20000 for 2D)")
+    p.add_argument("--smiles-column", help="SMILES column of a CSV/TSV (default: found by name)")
+    p.add_argument("--id-column", help="id column of a CSV/TSV or SDF property (default: the row number)")
+    p.add_argument("--label-column", action="append", dest="label_columns",
+                   help="a label column kept with each record (repeat for several)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(overrides=[])
     p.epilog = "Any config key can follow as key=value, e.g. featurizer.num_conformers=5 job.num_cpus=8."
 
@@ -75,9 +80,15 @@ def cmd_featurize(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_inspect(args: argparse.Namespace) -> int:
-    from flexmol.data.shards import inspect
+    from flexmol.data.shards import MANIFEST, inspect
 
-    report = inspect(Path(args.directory), decode=not args.no_decode)
+    directory = Path(args.directory)
+    if not directory.is_dir() or not (directory / MANIFEST).is_file():
+        why = ("no such directory" if not directory.exists() else "not a directory" if not directory.is_dir()
+               else f"no {MANIFEST} (not a dataset directory, or its job has not finished)")
+        print(f"flexmol shards inspect: {directory}: {why}", file=sys.stderr)
+        return 2
+    report = inspect(directory, decode=not args.no_decode)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -116,54 +127,117 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _confgen_config(args):
     from flexmol.evaluate.confgen import ConfgenConfig
 
-    cfg = ConfgenConfig(num_confs=args.num_confs, seed=args.seed, mmff=args.mmff, refine_steps=args.refine_steps)
-    if cfg.num_confs < 1 or cfg.refine_steps < 0:
-        raise ConfigError("--num-confs must be at least 1 and --refine-steps at least 0")
-    return cfg
+    if args.num_confs < 1:
+        raise ConfigError(f"--num-confs must be at least 1 (got {args.num_confs})")
+    if args.refine_steps < 0:
+        raise ConfigError(f"--refine-steps must be at least 0 (got {args.refine_steps})")
+    return ConfgenConfig(num_confs=args.num_confs, seed=args.seed, mmff=args.mmff, refine_steps=args.refine_steps)
 
 
-def _model(checkpoint):
+def _load_model(checkpoint):
+    """The export a ``--checkpoint`` names, or a one-line :class:`ConfigError` saying why it does
+    not load (a missing, truncated or altered file; whatever the files hold, no traceback)."""
     if not checkpoint:
         return None
     from flexmol import load_pretrained
     from flexmol.finetune.config import export_dir
 
-    return load_pretrained(export_dir(checkpoint))
+    try:
+        return load_pretrained(export_dir(checkpoint))
+    except ConfigError as exc:
+        why = str(exc)
+        if "config key 'checkpoint'" in why:  # the config key and the flag are the same thing here
+            raise ConfigError(why.replace("config key 'checkpoint'", "--checkpoint")) from None
+        raise ConfigError(f"--checkpoint {checkpoint}: {why}") from None
+    except Exception as exc:  # noqa: BLE001 -- whatever the files hold: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--checkpoint {checkpoint} does not load: {first}") from None
+
+
+def _output_file(path: str, flag: str) -> Path:
+    """A file the command may write: not a directory, its folder a directory that exists or can be
+    made. Nothing is created here: a command refused later leaves nothing behind."""
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"{flag} {out}: is a directory (give a file name)")
+    _output_dir(str(out.parent), flag, what=f"folder of {out.name}")
+    return out
+
+
+def _output_dir(path: str, flag: str, what: str = "") -> Path:
+    """A directory the command may write into: it, or its nearest existing ancestor, is a
+    writable directory (created when the command writes)."""
+    out = Path(path)
+    what = what or "directory"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: the {what} exists and is not a directory")
+    near = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not near.is_dir():
+        raise ConfigError(f"{flag} {out}: {near} is not a directory")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: {near} is not writable")
+    return out
+
+
+def _confgen_inputs(args) -> list:
+    """The molecules to embed: ``--smiles`` strings, then every record of ``--input`` (any file
+    the featuriser reads: .smi, .csv/.tsv with a SMILES column, .sdf; optionally .gz), each
+    with its id so that a rejection names it."""
+    from flexmol.chem.featurizer import RawInput
+
+    inputs = [RawInput(i, f"smiles{i + 1}", "smiles", s) for i, s in enumerate(args.smiles or [])]
+    if args.input:
+        from flexmol.config import SourceOptions
+        from flexmol.data.sources import SourceError, open_source
+
+        path = Path(args.input)
+        if path.is_dir() or not path.exists():
+            raise ConfigError(f"--input {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+        try:
+            source = open_source(str(path), SourceOptions(smiles_column=args.smiles_column))
+            if not source.has_graph():
+                raise ConfigError(f"--input {path}: XYZ frames have no bonds to embed from; give SMILES or SDF")
+            start = len(inputs)
+            inputs += [dataclasses.replace(r, index=start + k) for k, r in enumerate(source)]
+        except SourceError as exc:
+            raise ConfigError(f"--input: {exc}") from None
+        except UnicodeError as exc:
+            raise ConfigError(f"--input {path}: not a text file ({exc.reason})") from None
+    if not inputs:
+        raise ConfigError("no molecules: give --smiles S [S ...] or --input FILE (.smi, .csv, .sdf)")
+    return inputs
 
 
 def cmd_confgen(args: argparse.Namespace) -> int:
     from flexmol.evaluate.confgen import generate
 
-    smiles = list(args.smiles or [])
     try:
         cfg = _confgen_config(args)
-        if args.input:
-            smiles += [line.split()[0] for line in open(args.input) if line.strip() and not line.startswith("#")]
-        if not smiles:
-            raise ConfigError("give --smiles S [S ...] or --input FILE.smi")
-        model = _model(args.checkpoint)
-    except (ConfigError, OSError) as exc:
+        out = _output_file(args.out, "--out")
+        inputs = _confgen_inputs(args)
+        model = _load_model(args.checkpoint)
+    except ConfigError as exc:
         print(f"flexmol confgen: {exc}", file=sys.stderr)
         return 2
     from rdkit import Chem
 
     method = "flexmol" if model is not None else "etkdg"
     ok = failed = 0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with Chem.SDWriter(args.out) as writer:
-        for i, smi, mol, why in generate(smiles, cfg, model):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with Chem.SDWriter(str(out)) as writer:
+        for raw, mol, why in generate(inputs, cfg, model):
             if mol is None:
                 failed += 1
-                print(f"flexmol confgen: molecule {i} ({smi}) rejected: {why}", file=sys.stderr)
+                print(f"flexmol confgen: {raw.id} ({raw.text[:80]!r}) rejected: {why}", file=sys.stderr)
                 continue
             mol_h = Chem.AddHs(mol, addCoords=True)
-            mol_h.SetProp("_Name", f"mol{i}")
-            mol_h.SetProp("smiles", smi)
+            mol_h.SetProp("_Name", raw.id)
+            mol_h.SetProp("smiles", Chem.MolToSmiles(mol))
             mol_h.SetProp("method", method)
             for conf in mol_h.GetConformers():
                 writer.write(mol_h, confId=conf.GetId())
             ok += 1
-    print(f"{ok} molecules x {cfg.num_confs} conformers ({method}) -> {args.out}; {failed} rejected")
+    print(f"{ok} molecules x {cfg.num_confs} conformers ({method}) -> {out}; {failed} rejected")
     return 0 if ok else 1
 
 
@@ -172,16 +246,29 @@ def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
 
     from flexmol.evaluate.confgen import evaluate_qm9
 
+    def fail(why) -> int:
+        print(f"flexmol evaluate confgen: {why}", file=sys.stderr)
+        return 2
+
     try:
         cfg = _confgen_config(args)
-        model = _model(args.checkpoint)
+        for flag, value, least in (("--count", args.count, 1), ("--start", args.start, 0), ("--stride", args.stride, 1)):
+            if value < least:
+                raise ConfigError(f"{flag} must be at least {least} (got {value})")
+        for d in args.exclude_shards:
+            if not (Path(d) / "manifest.json").is_file():
+                raise ConfigError(f"--exclude-shards {d}: not a dataset directory (no manifest.json)")
+        out = _output_dir(args.out, "--out")
+        model = _load_model(args.checkpoint)
         res = evaluate_qm9(cfg, model, count=args.count, start=args.start, stride=args.stride,
                            exclude=args.exclude_shards,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ConfigError, ValueError) as exc:
-        print(f"flexmol evaluate confgen: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    except (ConfigError, ValueError, OSError) as exc:
+        return fail(exc)
+    if not res["scores"]["etkdg"]["molecules"]:
+        return fail(f"no held-out molecule to score from row {res['start_row']} every {res['stride']} "
+                    f"({res['skipped_seen_in_pretraining_or_duplicate']} seen or duplicate, "
+                    f"{len(res['rejected'])} rejected); QM9 has about 134k rows")
     out.mkdir(parents=True, exist_ok=True)
     (out / "confgen.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"QM9 conformation generation: {res['scores']['etkdg']['molecules']} held-out molecules from row "
@@ -241,11 +328,17 @@ def cmd_evaluate_alignment(args: argparse.Namespace) -> int:
 
 
 def _confgen_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="pre-trained export: refine ETKDG conformers with its coordinate head")
+    p.add_argument("--checkpoint", help="pre-trained export (or a pre-training output_dir holding export/): refine "
+                                        "the ETKDG conformers with its coordinate head; without it, plain ETKDG")
     p.add_argument("--num-confs", type=int, default=2, help="conformers per molecule")
-    p.add_argument("--refine-steps", type=int, default=1, help="coordinate-head passes")
+    p.add_argument("--refine-steps", type=int, default=1, help="coordinate-head passes (0: none)")
     p.add_argument("--mmff", action="store_true", help="MMFF-optimise the ETKDG conformers first")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="ETKDG random seed")
+
+
+def _sub(sub, name: str, help: str, description: str | None = None, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,72 +346,89 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _featurize_parser(sub)
 
-    shards = sub.add_parser("shards", help="dataset directories").add_subparsers(dest="shards_command", required=True)
-    insp = shards.add_parser("inspect", help="print a dataset's summary; exit 1 if it is damaged")
-    insp.add_argument("directory")
+    shards = _sub(sub, "shards", "dataset directories").add_subparsers(dest="shards_command", required=True)
+    insp = _sub(shards, "inspect", "print a dataset's summary; exit 1 if it is damaged",
+                "Check a dataset directory: every shard's size and sha256 against the manifest, every record "
+                "decoded, and the counts reconciled (written + rejected + duplicates = inputs). Exit 0 when "
+                "sound, 1 when damaged, 2 when DIRECTORY is not a dataset.")
+    insp.add_argument("directory", help="a dataset directory written by flexmol featurize")
     insp.add_argument("--no-decode", action="store_true", help="check sizes and checksums only, not every record")
     insp.set_defaults(func=cmd_shards_inspect)
 
-    model = sub.add_parser("model", help="the FlexMol network").add_subparsers(dest="model_command", required=True)
-    summ = model.add_parser("summary", help="parameters per component; last line 'total parameters: N'")
+    model = _sub(sub, "model", "the FlexMol network").add_subparsers(dest="model_command", required=True)
+    summ = _sub(model, "summary", "parameters per component; last line 'total parameters: N'")
     summ.add_argument("--model", default="base", help="tiny, small, base, or a model YAML")
     summ.set_defaults(func=cmd_model_summary)
 
-    pre = sub.add_parser("pretrain", help="pre-training in one process (multi-GPU: deepspeed launch/pretrain.py)")
+    pre = _sub(sub, "pretrain", "pre-training in one process (multi-GPU: deepspeed launch/pretrain.py)",
+               "Pre-train FlexMol (stage 1 on paired 2D+3D data, stage 2 on single-modality data from a stage-1 "
+               "run) in this process. For many GPUs, run the same arguments through `deepspeed "
+               "launch/pretrain.py`. Configuration errors print one line naming the key and exit 2.",
+               usage="flexmol pretrain [-h] --config CONFIG [key=value ...]")
     pre.add_argument("--config", required=True, help="stage1, stage2 (packaged) or a pre-training YAML file")
     pre.epilog = ("Any config key can follow as key=value, e.g. data.paired=[shards/qm9] train.max_steps=100 "
                   "validation.every=50 deepspeed=zero3.")
     pre.set_defaults(func=cmd_pretrain)
 
-    cg = sub.add_parser("confgen", help="3D conformers from SMILES (ETKDG, refined by a checkpoint's coordinate head)")
-    cg.add_argument("--smiles", nargs="+")
-    cg.add_argument("--input", help="a .smi file")
+    cg = _sub(sub, "confgen", "3D conformers from SMILES (ETKDG, refined by a checkpoint's coordinate head)",
+              "Embed each molecule with RDKit's ETKDGv3 (--num-confs conformers, seeded), optionally MMFF-optimised "
+              "and refined by a pre-trained model's coordinate head, and write every conformer to an SDF with "
+              "hydrogens placed. A molecule that cannot be parsed or embedded is reported on stderr with its "
+              "reason; exit 0 when at least one molecule was written.")
+    cg.add_argument("--smiles", nargs="+", help="SMILES strings")
+    cg.add_argument("--input", help="a file of molecules: .smi (SMILES [id] per line), .csv/.tsv with a SMILES "
+                                    "column, or .sdf (optionally .gz)")
+    cg.add_argument("--smiles-column", help="the SMILES column of a CSV/TSV --input (default: found by name)")
     cg.add_argument("--out", required=True, help="SDF to write (one record per conformer)")
     _confgen_arguments(cg)
     cg.set_defaults(func=cmd_confgen)
 
-    ev = sub.add_parser("evaluate", help="benchmarks of a checkpoint").add_subparsers(dest="evaluate_command",
-                                                                                    required=True)
-    ec = ev.add_parser("confgen", help="COV / MAT against QM9 DFT geometries on held-out molecules, vs ETKDG")
-    ec.add_argument("--count", type=int, default=200)
+    ev = _sub(sub, "evaluate", "benchmarks of a checkpoint").add_subparsers(dest="evaluate_command", required=True)
+    ec = _sub(ev, "confgen", "COV / MAT against QM9 DFT geometries on held-out molecules, vs ETKDG",
+              "Conformation generation scored against QM9's DFT geometries: every --stride-th QM9 row from "
+              "--start on, skipping molecules found in --exclude-shards (the pre-training data), --count "
+              "molecules in all. COV at delta 0.5 A and MAT, mean and median, for ETKDG and (given --checkpoint) "
+              "for the model's refinement of the same ETKDG conformers. Writes OUT/confgen.json.")
+    ec.add_argument("--count", type=int, default=200, help="held-out molecules to score (at least 1)")
     ec.add_argument("--start", type=int, default=100000, help="first QM9 row to draw test molecules from")
     ec.add_argument("--stride", type=int, default=130, help="take every N-th row from --start on")
-    ec.add_argument("--exclude-shards", nargs="*", default=[],
+    ec.add_argument("--exclude-shards", nargs="*", default=[], metavar="DIR",
                     help="pre-training datasets: molecules found in them are skipped")
-    ec.add_argument("--out", default="outputs/confgen")
+    ec.add_argument("--out", default="outputs/confgen", help="directory for confgen.json")
     _confgen_arguments(ec)
     ec.set_defaults(func=cmd_evaluate_confgen)
-    ea = ev.add_parser("alignment", help="did stage 1 align the modalities? retrieval, cosines, feature-learner "
-                                         "and decoder errors on held-out paired molecules",
-                       description="On the first --count molecules of held-out paired datasets: 2D->3D and 3D->2D "
-                                   "retrieval top-1/top-5 from the contrastive projections, matched and unmatched "
-                                   "cosine, and the feature learners' and decoders' MSE (absolute and relative to "
-                                   "the target variance). Exit 2 with the reason when the data or checkpoint is "
-                                   "unusable.")
+    ea = _sub(ev, "alignment", "did stage 1 align the modalities? retrieval, cosines, feature-learner "
+                               "and decoder errors on held-out paired molecules",
+              "On the first --count molecules of held-out paired datasets: 2D->3D and 3D->2D "
+              "retrieval top-1/top-5 from the contrastive projections, matched and unmatched "
+              "cosine, and the feature learners' and decoders' MSE (absolute and relative to "
+              "the target variance). Exit 2 with the reason when the data or checkpoint is "
+              "unusable.")
     ea.add_argument("--checkpoint", required=True, help="pre-trained export, or a pre-training output_dir with export/")
     ea.add_argument("--data", nargs="+", action="extend", required=True, metavar="SHARDS",
                     help="paired dataset directories (flexmol featurize ... --modality paired), read in order")
     ea.add_argument("--count", type=int, default=1000, help="molecules to evaluate (at least 2)")
     ea.add_argument("--max-atoms", type=int, default=4096, help="padded atoms per batch")
     ea.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    ea.add_argument("--seed", type=int, default=0)
+    ea.add_argument("--seed", type=int, default=0, help="seed of the unmatched-pair draw")
     ea.add_argument("--out", help="write the report as JSON here")
     ea.set_defaults(func=cmd_evaluate_alignment)
 
     from flexmol.finetune.cli import add_arguments as finetune_arguments
 
-    ft = sub.add_parser("finetune", help="LoRA fine-tuning with the MoleculeNet protocol, next to baselines",
-                        description="Fine-tune a pre-trained checkpoint on a labelled set: every model x seed on "
+    ft = _sub(sub, "finetune", "LoRA fine-tuning with the MoleculeNet protocol, next to baselines",
+                        "Fine-tune a pre-trained checkpoint on a labelled set: every model x seed on "
                                     "the same splits; writes OUT/results.json and prints the table.")
     finetune_arguments(ft)
     ft.set_defaults(func=cmd_finetune)
 
-    demo = sub.add_parser("demo", help="the main job on the default data: featurise, pre-train, fine-tune on "
-                                       "B3DB, score conformers")
     from flexmol.demo import DemoConfig
 
+    demo = _sub(sub, "demo", "the main job on the default data: featurise, pre-train, fine-tune on B3DB, "
+                              "score conformers", DemoConfig.__doc__)
     for name, f in DemoConfig.__dataclass_fields__.items():
-        demo.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
+        demo.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
+                          help=f.metadata.get("help"))
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -331,9 +441,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad or (rest and args.command not in ("featurize", "pretrain", "finetune")):
         parser.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     args.overrides = rest
-    if args.command == "featurize":
-        return cmd_featurize(args)
-    return args.func(args)
+    try:
+        if args.command == "featurize":
+            return cmd_featurize(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"flexmol {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # the environment's refusal (permissions, a full disk): one line naming the file
+        why = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        print(f"flexmol {args.command}: {why}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

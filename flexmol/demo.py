@@ -15,8 +15,9 @@ fine-tuning runs and goes on from there.
 """
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexmol import config
@@ -24,18 +25,40 @@ from flexmol.data.shards import inspect
 from flexmol.featurize import FeaturizeError, run_featurize
 
 
+def _arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DemoConfig:
-    out: str = "outputs/demo"
-    qm9_limit: int = 2000
-    moses_limit: int = 20000
-    stage1_steps: int = 150
-    stage2_steps: int = 150
-    b3db_sample: int = 1000  # a seeded random subset of B3DB (the file is sorted by class)
-    epochs: int = 6
-    seeds: int = 3
-    lora_r: int = 16  # the tiny model is 64 wide: rank 64 would be full rank
-    confgen_count: int = 50
+    """The main job on the default data, end to end on one machine: featurise a QM9 subset (paired 2D+3D)
+    and a MOSES subset (2D) through the Ray job; pre-train the tiny model, stage 1 then stage 2 from it;
+    fine-tune on B3DB with the scaffold split (LoRA, full fine-tuning, scratch, linear probes, ECFP4 + RF);
+    score conformation generation on held-out QM9 molecules. A rerun goes on from what is finished."""
+
+    out: str = _arg("outputs/demo", "directory for everything the job writes")
+    qm9_limit: int = _arg(2000, "QM9 molecules featurised as paired 2D+3D pre-training data")
+    moses_limit: int = _arg(20000, "MOSES molecules featurised as 2D-only pre-training data")
+    stage1_steps: int = _arg(150, "optimizer steps of stage 1")
+    stage2_steps: int = _arg(150, "optimizer steps of stage 2")
+    # a seeded random subset of B3DB (the file is sorted by class)
+    b3db_sample: int = _arg(1000, "B3DB molecules fine-tuned on (a seeded random subset)")
+    epochs: int = _arg(6, "fine-tuning epochs")
+    seeds: int = _arg(3, "fine-tuning seeds (splits and initialisations)")
+    # the tiny model is 64 wide: rank 64 would be full rank
+    lora_r: int = _arg(16, "LoRA rank")
+    confgen_count: int = _arg(50, "held-out QM9 molecules for conformation generation")
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, one sentence each (empty when they can run)."""
+        least = {"qm9_limit": 40, "moses_limit": 40, "stage1_steps": 1, "stage2_steps": 1, "b3db_sample": 100,
+                 "epochs": 1, "seeds": 1, "lora_r": 1, "confgen_count": 1}
+        found = [f"--{k.replace('_', '-')} must be at least {v} (got {getattr(self, k)})"
+                 for k, v in least.items() if getattr(self, k) < v]
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            found.append(f"--out {out}: exists and is not a directory")
+        return found
 
 
 def _banner(text: str) -> None:
@@ -126,6 +149,10 @@ def _confgen(out: Path, cfg: DemoConfig, checkpoint: Path) -> dict:
 
 
 def run_demo(cfg: DemoConfig) -> int:
+    problems = cfg.problems()
+    if problems:
+        print(f"flexmol demo: {problems[0]}", file=sys.stderr)
+        return 2
     out = Path(cfg.out)
     start = time.perf_counter()
     try:

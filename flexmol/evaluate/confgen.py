@@ -130,23 +130,26 @@ def seen_inchikeys(directories) -> set[str]:
     return keys
 
 
-def generate(smiles: list[str], cfg: ConfgenConfig, model=None, progress=None):
-    """Conformers for ``smiles``: yields (index, smiles, heavy molecule with K conformers, None) or
-    (index, smiles, None, reason) for a molecule that could not be processed."""
+def generate(inputs, cfg: ConfgenConfig, model=None):
+    """Conformers for ``inputs`` (SMILES strings, or :class:`RawInput` records of any graph kind:
+    SMILES, molfile blocks): yields (input, heavy molecule with K conformers, None), or
+    (input, None, reason) for one that could not be processed. Strings come back as RawInputs."""
     from flexmol.chem.errors import Rejected
     from flexmol.chem.featurizer import RawInput
 
     feat = _featurizer("2d")
-    for i, smi in enumerate(smiles):
+    for i, raw in enumerate(inputs):
+        if isinstance(raw, str):
+            raw = RawInput(i, f"mol{i}", "smiles", raw)
         try:
-            record, mol = feat.with_molecule(RawInput(i, f"mol{i}", "smiles", smi))
+            record, mol = feat.with_molecule(raw)
             coords = etkdg(mol, cfg, record["inchikey"])
             if model is not None:
                 coords = refine(model, record, coords, cfg.refine_steps)
         except Rejected as exc:
-            yield i, smi, None, f"{exc.code}: {exc.reason}"
+            yield raw, None, f"{exc.code}: {exc.reason}"
             continue
-        yield i, smi, with_coords(mol, coords), None
+        yield raw, with_coords(mol, coords), None
 
 
 def evaluate_qm9(cfg: ConfgenConfig, model=None, *, count: int = 200, start: int = 100000, stride: int = 130,

@@ -1,0 +1,133 @@
+"""The command line as a careless or hostile user meets it: every mistake is one line on stderr
+naming the flag or file, exit 2; nothing is written for a refused command; every argument is
+described with its default in --help."""
+import argparse
+import gzip
+
+import pytest
+from rdkit import Chem
+
+from flexmol import save_pretrained
+from flexmol.cli import build_parser, main as cli
+from flexmol.model import FlexMol
+from flexmol.model.summary import model_config
+
+
+def _one_line_error(capsys, *needles, progress=""):
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
+                    if not (progress and line.startswith(progress)))
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_confgen_reports_each_line_of_a_binary_input_as_a_rejection(tmp_path, capsys):
+    binary = tmp_path / "garbage.smi"
+    binary.write_bytes(gzip.compress(b"CCO\nc1ccccc1\n" * 50) + b"\nCCO ethanol\n")
+    out = tmp_path / "c.sdf"
+    rc = cli(["confgen", "--input", str(binary), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    with open(binary, encoding="utf-8", errors="replace", newline="") as f:  # lines as a text file has them
+        lines = list(f)
+    rejected = [line for line in captured.err.splitlines() if "rejected:" in line]
+    written = {m.GetProp("_Name") for m in Chem.SDMolSupplier(str(out))}
+    # the one valid line is embedded under its id; every other non-empty line is rejected with a reason
+    assert rc == 0 and written == {"ethanol"}
+    assert len(rejected) == sum(1 for line in lines if line.strip()) - 1
+    assert all("invalid_smiles" in r or "sanitization" in r or "empty" in r for r in rejected)
+
+
+def test_confgen_reads_a_csv_and_names_rejects_by_their_id(tmp_path, capsys):
+    csv = tmp_path / "m.csv"
+    csv.write_text("name,smiles\naspirin,CC(=O)Oc1ccccc1C(=O)O\nbroken,C1CC(\n")
+    out = tmp_path / "c.sdf"
+    assert cli(["confgen", "--input", str(csv), "--out", str(out), "--num-confs", "1"]) == 0
+    captured = capsys.readouterr()
+    assert [m.GetNumHeavyAtoms() for m in Chem.SDMolSupplier(str(out))] == [13]
+    assert "C1CC(" in captured.err and "1 rejected" in captured.out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["confgen", "--input", "{tmp}/missing.smi", "--out", "{tmp}/o.sdf"], "--input"),
+    (["confgen", "--input", "{tmp}", "--out", "{tmp}/o.sdf"], "is a directory"),
+    (["confgen", "--smiles", "CCO", "--out", "{tmp}"], "--out"),
+    (["confgen", "--smiles", "CCO", "--out", "{tmp}/file.txt/o.sdf"], "not a directory"),
+    (["confgen", "--smiles", "CCO", "--num-confs", "0", "--out", "{tmp}/o.sdf"], "--num-confs"),
+    (["confgen", "--smiles", "CCO", "--refine-steps", "-1", "--out", "{tmp}/o.sdf"], "--refine-steps"),
+    (["confgen", "--smiles", "CCO", "--checkpoint", "{tmp}", "--out", "{tmp}/o.sdf"], "--checkpoint"),
+    (["confgen", "--out", "{tmp}/o.sdf"], "no molecules"),
+    (["evaluate", "confgen", "--count", "0", "--out", "{tmp}/ev"], "--count"),
+    (["evaluate", "confgen", "--stride", "0", "--out", "{tmp}/ev"], "--stride"),
+    (["evaluate", "confgen", "--start", "-3", "--out", "{tmp}/ev"], "--start"),
+    (["evaluate", "confgen", "--exclude-shards", "{tmp}/nowhere", "--out", "{tmp}/ev"], "--exclude-shards"),
+    (["evaluate", "confgen", "--out", "{tmp}/file.txt"], "not a directory"),
+    (["evaluate", "confgen", "--checkpoint", "{tmp}/garbage", "--out", "{tmp}/ev"], "--checkpoint"),
+    (["shards", "inspect", "{tmp}/nowhere"], "no such directory"),
+    (["shards", "inspect", "{tmp}/file.txt"], "not a directory"),
+    (["shards", "inspect", "{tmp}"], "manifest.json"),
+    (["demo", "--seeds", "0", "--out", "{tmp}/demo"], "--seeds"),
+    (["demo", "--out", "{tmp}/file.txt"], "--out"),
+])
+def test_a_users_mistake_is_one_line_naming_the_flag_with_exit_2(tmp_path, capsys, argv, needle):
+    (tmp_path / "file.txt").write_text("not a directory\n")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "model.safetensors").write_bytes(b"\x00" * 64)
+    (garbage / "model.yaml").write_text("width: 64\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli(argv) == 2
+    _one_line_error(capsys, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written for a refused command
+
+
+def test_a_refused_evaluation_beyond_the_data_writes_no_table_of_nan(qm9_rows, tmp_path, capsys):
+    assert cli(["evaluate", "confgen", "--count", "2", "--start", "10000000", "--out", str(tmp_path / "ev")]) == 2
+    _one_line_error(capsys, "no held-out molecule", progress="[confgen]")
+    assert not (tmp_path / "ev" / "confgen.json").exists()
+
+
+def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path, capsys):
+    # /proc refuses new files even to root, so this holds whoever runs the tests
+    assert cli(["confgen", "--smiles", "CCO", "--out", "/proc/flexmol-test.sdf"]) == 2
+    _one_line_error(capsys, "/proc/flexmol-test.sdf")
+
+
+def test_a_checkpoint_with_altered_weights_is_refused_in_one_line(tmp_path, capsys):
+    export = save_pretrained(FlexMol(model_config("tiny")), tmp_path / "export")
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert cli(["confgen", "--smiles", "CCO", "--checkpoint", str(export), "--out", str(tmp_path / "o.sdf")]) == 2
+    _one_line_error(capsys, "--checkpoint")
+    assert not (tmp_path / "o.sdf").exists()
+
+
+def _subparsers(parser, prefix=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subparsers(sub, (*prefix, name))
+
+
+def test_every_argument_of_every_command_is_described_with_its_default():
+    commands = dict(_subparsers(build_parser()))
+    assert {("confgen",), ("evaluate", "confgen"), ("demo",), ("pretrain",), ("finetune",), ("featurize",)} \
+        <= set(commands)
+    for path, sub in commands.items():
+        assert sub.description, f"flexmol {' '.join(path)} has no description"
+        text = sub.format_help()
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = action.option_strings[-1] if action.option_strings else action.dest
+            assert action.help, f"flexmol {' '.join(path)} {name} has no help"
+            if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
+                assert f"(default: {action.default})" in " ".join(text.split()), (path, name)
+
+
+def test_pretrain_help_shows_key_value_overrides():
+    help_text = dict(_subparsers(build_parser()))[("pretrain",)].format_help()
+    assert "key=value" in help_text.splitlines()[0] and "train.max_steps=100" in help_text
