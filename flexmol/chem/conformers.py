@@ -7,6 +7,7 @@ featuriser works on heavy atoms, which keeps heavy-atom order (RDKit appends hyd
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 
 import numpy as np
@@ -66,7 +67,9 @@ def generate_conformers(mol_h: Chem.Mol, cfg: FeaturizerConfig, seed: int) -> tu
 def mol_from_xyz_block(block: str) -> Chem.Mol:
     """An XYZ frame (count, comment, ``symbol x y z`` lines) as a molecule with one conformer and no
     bonds. Malformed frames are rejected with the line at fault."""
-    lines = block.strip("\n").splitlines()
+    # Lines end at \n or \r only: str.splitlines() would also break a comment line at U+2028,
+    # U+0085 or a form feed and shift every atom line after it.
+    lines = re.split(r"\r\n|\r|\n", block.strip("\r\n"))
     if len(lines) < 3:
         raise Rejected("malformed_xyz", "XYZ frame shorter than 3 lines")
     try:

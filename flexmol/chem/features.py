@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 from rdkit import Chem
 
+from flexmol.chem.errors import Rejected
 from flexmol.chem.vocab import ATOM_FEATURE_SIZES, FORMAL_CHARGE_OFFSET
 
 _MAX_DEGREE = ATOM_FEATURE_SIZES[2] - 1
 _MAX_CHARGE = ATOM_FEATURE_SIZES[3] - 1 - FORMAL_CHARGE_OFFSET
 _MAX_HS = ATOM_FEATURE_SIZES[4] - 1
 _MAX_RADICALS = ATOM_FEATURE_SIZES[5] - 1
+_MAX_NODES = int(np.iinfo(np.uint16).max) + 1
 
 
 def graph_features(mol: Chem.Mol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -19,6 +21,9 @@ def graph_features(mol: Chem.Mol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Returns ``atom_feat`` uint8 [n, 9], ``bond_index`` uint16 [E, 2] (each bond once, begin < end)
     and ``bond_feat`` uint8 [E, 3]; columns as in :mod:`flexmol.chem.vocab`.
     """
+    if mol.GetNumAtoms() > _MAX_NODES:
+        raise Rejected("too_large", f"{mol.GetNumAtoms()} atoms: bond_index stores atom numbers as uint16 "
+                       f"(at most {_MAX_NODES} nodes)")
     # Indexed access, not ``for a in mol.GetAtoms()``: RDKit's sequence wrapper re-checks the
     # length on every step and makes this loop, the hot spot of 2D featurisation, 3x slower.
     rows = []

@@ -8,6 +8,8 @@ Salts and mixtures policy (``featurizer.fragments``):
 """
 from __future__ import annotations
 
+import re
+
 from rdkit import Chem, RDLogger
 
 from flexmol.chem.errors import Rejected
@@ -24,10 +26,28 @@ def sanitize_or_reject(mol: Chem.Mol, what: str) -> Chem.Mol:
     return mol
 
 
+_WHITESPACE = re.compile(r"\s")  # any Unicode whitespace: space, tab, line breaks, U+2028, U+00A0 ...
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def parse_smiles(smiles: str, cfg: FeaturizerConfig) -> Chem.Mol:
     smiles = smiles.strip()
     if not smiles:
         raise Rejected("empty", "empty SMILES")
+    # RDKit reads whatever follows a space, tab or newline as the molecule's name and parses only
+    # the text before it: "c1ccccc1 CCCl" would silently become benzene. A SMILES holds no
+    # whitespace, so any inside the field (a CSV cell with a newline, two SMILES in one column) is
+    # a rejection, never a truncation.
+    blank = _WHITESPACE.search(smiles)
+    if blank:
+        raise Rejected("invalid_smiles", f"SMILES contains whitespace ({blank.group()!r} at position {blank.start()}): "
+                       "RDKit would parse only the text before it", smiles)
+    # RDKit also skips a NUL at either end ("CCO\x00" parses as ethanol): control characters mean
+    # a binary or corrupted input, never a molecule.
+    control = _CONTROL.search(smiles)
+    if control:
+        raise Rejected("invalid_smiles", f"SMILES contains the control character {control.group()!r} at position "
+                       f"{control.start()} (binary or corrupted input)", smiles)
     # A guard before parsing: a string this long cannot be within the size limit, and RDKit's
     # parser and ring perception are super-linear on pathological inputs.
     if len(smiles) > 12 * cfg.max_heavy_atoms + 200:

@@ -42,6 +42,9 @@ REQUIRED = {
 }
 
 
+_ARRAYS = {"z": 1, "atom_feat": 2, "bond_index": 2, "bond_feat": 2, "pos": 3, "energy": 1}
+
+
 class SchemaError(ValueError):
     """A record that does not follow the schema (corrupt or foreign data)."""
 
@@ -96,14 +99,28 @@ def validate(rec: dict) -> None:
     missing = [k for k in ("index", "id", "smiles", "inchikey") + REQUIRED[modality] if k not in rec]
     if missing:
         raise SchemaError(f"{modality} record lacks {', '.join(missing)}")
+    # Types first: a foreign or forged record must fail here, with its field named, not as an
+    # AttributeError in the checks below or in a training worker.
+    if type(rec["index"]) is not int or rec["index"] < 0:
+        raise SchemaError(f"index {rec['index']!r} is not a non-negative integer")
+    for key in ("id", "smiles", "inchikey", "conf_method"):
+        if key in rec and not isinstance(rec[key], str):
+            raise SchemaError(f"{key} is a {type(rec[key]).__name__}, not a string")
+    for key, ndim in _ARRAYS.items():
+        if key in rec and not (isinstance(rec[key], np.ndarray) and rec[key].ndim == ndim):
+            raise SchemaError(f"{key} is not a {ndim}-d array")
+    if "labels" in rec and not isinstance(rec["labels"], dict):
+        raise SchemaError("labels is not a map")
     n = len(rec["z"])
     if "atom_feat" in rec:
         if rec["atom_feat"].shape != (n, 9):
             raise SchemaError(f"atom_feat shape {rec['atom_feat'].shape} for {n} atoms")
+        if "bond_index" not in rec or "bond_feat" not in rec:
+            raise SchemaError("atom_feat without bond_index and bond_feat")
         bi = rec["bond_index"]
         if bi.ndim != 2 or bi.shape[1] != 2 or rec["bond_feat"].shape != (len(bi), 3):
             raise SchemaError("bond_index / bond_feat shapes disagree")
-        if len(bi) and int(bi.max()) >= n:
+        if len(bi) and (int(bi.max()) >= n or int(bi.min()) < 0):
             raise SchemaError("bond_index refers to an atom that does not exist")
     if "pos" in rec:
         pos = rec["pos"]

@@ -7,7 +7,7 @@ A dataset directory holds
 - ``manifest.json``: schema version, featuriser config and hash, per-shard sample count, bytes and
   sha256, totals per modality, and ``counts`` {input, written, rejected};
 - ``rejects.jsonl``: one JSON object per rejected input: index, id, smiles (when known), code,
-  reason;
+  reason; ASCII-only JSON, so that no character of an id or a SMILES can split a line;
 - ``plan.json`` and ``parts/``: the job's own bookkeeping (what was asked; one summary per finished
   shard), which lets a rerun resume and refuse a directory built differently.
 """
@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,40 +152,90 @@ class InspectReport:
         lines = [f"dataset {self.directory}"]
         m = self.manifest
         if m:
-            c = m.get("counts", {})
-            t = m.get("totals", {})
+            c, t, src = (_mapping(m.get(k)) for k in ("counts", "totals", "source"))
+            shards = m.get("shards")
             lines += [
                 f"  modality {m.get('modality')}, schema v{m.get('schema_version')}, featuriser {str(m.get('featurizer_hash'))[:12]}",
-                f"  source {m.get('source', {}).get('name')}, {len(m.get('shards', []))} shards",
+                f"  source {src.get('name')}, {len(shards) if isinstance(shards, list) else '?'} shards",
                 f"  counts: input {c.get('input')}, written {c.get('written')}, rejected {c.get('rejected')}",
                 f"  totals: {t.get('atoms')} atoms, {t.get('conformers')} conformers, "
                 f"{t.get('fragments_stripped')} salts/mixtures reduced to their largest fragment",
             ]
-            reasons = m.get("rejects_by_reason") or {}
+            reasons = _mapping(m.get("rejects_by_reason"))
             if reasons:
-                lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
+                by_count = sorted(reasons.items(), key=lambda kv: -kv[1] if isinstance(kv[1], (int, float)) else 0)
+                lines.append("  rejected: " + ", ".join(f"{k} {v}" for k, v in by_count))
         if self.records_checked:
             lines.append(f"  {self.records_checked} records decoded and validated")
         lines.append("  OK" if self.ok else f"  {len(self.problems)} problem(s):")
-        lines += [f"    - {p}" for p in self.problems]
-        return "\n".join(lines)
+        lines += ["    - " + " ".join(str(p).splitlines()) for p in self.problems]
+        # Printable whatever the manifest holds (a file name that is not UTF-8 comes back from JSON
+        # as lone surrogates, which print() refuses).
+        return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+_SHARD_NAME = re.compile(r"shard-[0-9]{6}\.tar")
+
+
+def _manifest_problems(m) -> list[str]:
+    """What keeps ``m`` from being a manifest this module can check (its structure, not its data)."""
+    if not isinstance(m, dict):
+        return [f"{MANIFEST}: not a JSON object"]
+    if m.get("format") != FORMAT or m.get("schema_version") != schema.SCHEMA_VERSION:
+        return [f"format {m.get('format')!r} v{m.get('schema_version')!r} is not {FORMAT} v{schema.SCHEMA_VERSION}"]
+    problems = []
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        problems.append(f"{MANIFEST}: 'shards' is not a list")
+    else:
+        names = set()
+        for i, sh in enumerate(shards):
+            ok = (isinstance(sh, dict) and isinstance(sh.get("name"), str) and _SHARD_NAME.fullmatch(sh["name"])
+                  and _is_count(sh.get("samples")) and _is_count(sh.get("bytes")) and isinstance(sh.get("sha256"), str))
+            if not ok:
+                problems.append(f"{MANIFEST}: shard entry {i} is not {{name: shard-NNNNNN.tar, samples, bytes, sha256}}")
+            elif sh["name"] in names:
+                problems.append(f"{MANIFEST}: {sh['name']} listed twice")
+            else:
+                names.add(sh["name"])
+    c = m.get("counts")
+    if not isinstance(c, dict) or not all(_is_count(c.get(k)) for k in ("input", "written", "rejected")):
+        problems.append(f"{MANIFEST}: 'counts' is not {{input, written, rejected}} as non-negative integers")
+    return problems
 
 
 def inspect(directory: Path, decode: bool = True) -> InspectReport:
     """Check a dataset directory: every shard present with its size and sha256, every record
     decodable and valid (unless ``decode`` is False), sample counts and the input/written/rejected
-    reconciliation. Problems are collected, not raised."""
+    reconciliation. Problems are collected, not raised: whatever the directory holds, the result is
+    a report."""
     directory = Path(directory)
     report = InspectReport(directory)
+    if not directory.is_dir():
+        report.problems.append(f"{directory}: {'not a directory' if directory.exists() else 'no such directory'}")
+        return report
     try:
         m = load_manifest(directory)
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
+    except FileNotFoundError as exc:
         report.problems.append(str(exc))
         return report
-    report.manifest = m
-    if m.get("format") != FORMAT or m.get("schema_version") != schema.SCHEMA_VERSION:
-        report.problems.append(f"format {m.get('format')!r} v{m.get('schema_version')!r} is not {FORMAT} v{schema.SCHEMA_VERSION}")
+    except (ValueError, OSError) as exc:  # not JSON, not UTF-8, unreadable
+        report.problems.append(f"{MANIFEST}: unreadable ({exc})")
         return report
+    structure = _manifest_problems(m)
+    if structure:
+        report.manifest = m if isinstance(m, dict) else None
+        report.problems += structure
+        return report
+    report.manifest = m
     for s in m["shards"]:
         path = directory / s["name"]
         if not path.is_file():
@@ -194,41 +245,67 @@ def inspect(directory: Path, decode: bool = True) -> InspectReport:
         if size != s["bytes"]:
             report.problems.append(f"{s['name']}: {size} bytes, manifest says {s['bytes']} (truncated or altered)")
             continue
-        if file_sha256(path) != s["sha256"]:
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:
+            report.problems.append(f"{s['name']}: unreadable: {exc}")
+            continue
+        if digest != s["sha256"]:
             report.problems.append(f"{s['name']}: sha256 differs from the manifest (corrupted)")
             continue
         if decode:
+            n = 0
             try:
-                n = sum(1 for _ in read_shard(path, validate=True))
-            except (tarfile.TarError, schema.SchemaError, EOFError, OSError) as exc:
+                for rec in read_shard(path, validate=True):
+                    n += 1
+                    if rec["modality"] != m.get("modality"):
+                        raise schema.SchemaError(f"a {rec['modality']} record in a {m.get('modality')} dataset")
+            except (tarfile.TarError, EOFError, OSError, ValueError) as exc:  # SchemaError is a ValueError
                 report.problems.append(f"{s['name']}: unreadable: {exc}")
                 continue
             report.records_checked += n
             if n != s["samples"]:
                 report.problems.append(f"{s['name']}: {n} records, manifest says {s['samples']}")
-    c = m.get("counts", {})
-    if c.get("input") != c.get("written", 0) + c.get("rejected", 0):
-        report.problems.append(f"counts do not reconcile: input {c.get('input')} != written {c.get('written')} + rejected {c.get('rejected')}")
-    if sum(s["samples"] for s in m["shards"]) != c.get("written"):
+    c = m["counts"]
+    if c["input"] != c["written"] + c["rejected"]:
+        report.problems.append(f"counts do not reconcile: input {c['input']} != written {c['written']} "
+                               f"+ rejected {c['rejected']}")
+    if sum(s["samples"] for s in m["shards"]) != c["written"]:
         report.problems.append("shard sample counts do not add up to counts.written")
     rej_path = directory / REJECTS
     if not rej_path.is_file():
         report.problems.append(f"{REJECTS} missing")
-    else:
-        try:
-            rejects = [json.loads(line) for line in rej_path.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            report.problems.append(f"{REJECTS}: not JSON lines ({exc})")
-        else:
-            if len(rejects) != c.get("rejected"):
-                report.problems.append(f"{REJECTS} has {len(rejects)} entries, counts.rejected is {c.get('rejected')}")
-            if any("reason" not in r for r in rejects):
-                report.problems.append(f"{REJECTS}: entries without a reason")
+        return report
+    try:
+        rejects = read_rejects(rej_path)
+    except (ValueError, OSError) as exc:
+        report.problems.append(f"{REJECTS}: not JSON lines ({exc})")
+        return report
+    if len(rejects) != c["rejected"]:
+        report.problems.append(f"{REJECTS} has {len(rejects)} entries, counts.rejected is {c['rejected']}")
+    if any(not isinstance(r, dict) or "reason" not in r for r in rejects):
+        report.problems.append(f"{REJECTS}: entries without a reason")
     return report
 
 
 def encode_rejects(rejects: list[dict]) -> str:
+    """JSON lines, ASCII only: an id or SMILES holding a line separator (U+2028, U+0085 ...) stays on
+    its line for any reader, however it splits lines."""
     buf = io.StringIO()
     for r in rejects:
-        buf.write(json.dumps(r, ensure_ascii=False) + "\n")
+        buf.write(json.dumps(r, ensure_ascii=True) + "\n")
     return buf.getvalue()
+
+
+def read_rejects(path: Path) -> list:
+    """The entries of a ``rejects.jsonl``. Lines end at \\n only (a file written by an older version
+    may hold U+2028 and the like inside its strings)."""
+    text = Path(path).read_bytes().decode("utf-8")
+    out = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {lineno}: {exc}") from None
+    return out

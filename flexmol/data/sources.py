@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import os
 import re
 from dataclasses import asdict
@@ -44,11 +45,13 @@ class SourceError(ValueError):
 class Source:
     """An ordered, re-iterable collection of inputs."""
 
-    def __init__(self, name: str, kind: str, iterate: Callable[[], Iterator[RawInput]], fingerprint: dict):
+    def __init__(self, name: str, kind: str, iterate: Callable[[], Iterator[RawInput]], fingerprint: dict,
+                 options: tuple[str, ...] = ()):
         self.name = name
         self.kind = kind  # the RawInput kind it yields
         self._iterate = iterate
         self.fingerprint = fingerprint  # identifies the source's content, for resume checks
+        self.options = options  # the SourceOptions fields this reader reads; the others it ignores
 
     def __iter__(self) -> Iterator[RawInput]:
         return self._iterate()
@@ -58,9 +61,17 @@ class Source:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first SMILES or header.
+    # newline="": lines end at \n, \r or \r\n only, never at the other characters str.splitlines()
+    # breaks on (U+2028, U+0085, form feed ...), which may sit inside an id or a comment.
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
+
+
+def _lines(text: str) -> list[str]:
+    """``text`` split at \n, \r and \r\n only (see :func:`_open_text`)."""
+    return re.split(r"\r\n|\r|\n", text)
 
 
 def _file_fingerprint(path: Path) -> dict:
@@ -80,14 +91,22 @@ def _number(value: str) -> Any:
 
 # ----------------------------------------------------------------------------------------- files
 
+_SMI_SEPARATOR = re.compile(r"[ \t]+")
+
+
 def smiles_file(path: Path) -> Source:
-    """One molecule per line: ``SMILES [id ...]``; ``#`` comments and a ``smiles`` header skipped."""
+    """One molecule per line, Daylight's format: the SMILES, then after spaces or tabs an optional
+    id (the rest of the line); ``#`` comments and a ``smiles`` header on the first line skipped.
+
+    Only a space or a tab ends the SMILES: any other whitespace character stays in the SMILES field,
+    which the parser then rejects, rather than cutting the SMILES short at it.
+    """
 
     def iterate() -> Iterator[RawInput]:
         index = 0
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
-                parts = line.split(None, 1)
+                parts = [p for p in _SMI_SEPARATOR.split(line.rstrip("\r\n").strip(" \t"), 1) if p]
                 if parts and (parts[0].startswith("#") or (lineno == 1 and parts[0].lower() == "smiles")):
                     continue
                 smiles = parts[0] if parts else ""
@@ -113,15 +132,14 @@ def _pick_smiles_column(header: list[str], wanted: Optional[str], where: str) ->
 def delimited_file(path: Path, opts: SourceOptions, *, id_prefix: str = "", label_map: Optional[Callable] = None,
                    fingerprint: Optional[dict] = None) -> Source:
     """CSV/TSV with a header row: a SMILES column, an optional id column, optional label columns."""
-    delimiter = opts.delimiter or ("\t" if ".tsv" in path.suffixes else ",")
-    with _open_text(path) as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
-    if not header:
-        raise SourceError(f"{path}: empty file, no header row")
+    delimiter = opts.delimiter or ("\t" if ".tsv" in [s.lower() for s in path.suffixes] else ",")
+    if len(delimiter) != 1 or delimiter in "\r\n\"":
+        raise SourceError(f"source_options.delimiter {delimiter!r}: must be one character, not a quote or a line break")
+    header = _header(path, delimiter)
     s_col = _pick_smiles_column(header, opts.smiles_column, str(path))
-    id_col = header.index(opts.id_column) if opts.id_column else None
     if opts.id_column and opts.id_column not in header:
-        raise SourceError(f"{path}: no id column {opts.id_column!r}")
+        raise SourceError(f"{path}: no id column {opts.id_column!r}; columns are {header}")
+    id_col = header.index(opts.id_column) if opts.id_column else None
     missing = [c for c in opts.label_columns if c not in header]
     if missing:
         raise SourceError(f"{path}: label column(s) {missing} not in {header}")
@@ -131,26 +149,51 @@ def delimited_file(path: Path, opts: SourceOptions, *, id_prefix: str = "", labe
         with _open_text(path) as f:
             reader = csv.reader(f, delimiter=delimiter)
             next(reader)
-            for index, row in enumerate(reader):
-                rowno = reader.line_num
+            for index in itertools.count():
+                rowno = reader.line_num + 1  # the line the row starts on (a quoted field may span lines)
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:  # e.g. a field over the csv module's size limit; it resumes on the next line
+                    yield _malformed(index, id_prefix + f"row{rowno}", "smiles", "",
+                                     f"{_rows(rowno, reader.line_num)}: {exc}")
+                    continue
                 ident = id_prefix + (row[id_col] if id_col is not None and id_col < len(row) else f"row{rowno}")
                 if len(row) != len(header):
                     text = row[s_col] if s_col < len(row) else ""
                     yield _malformed(index, ident, "smiles", text,
-                                     f"row {rowno} has {len(row)} fields, the header has {len(header)}")
+                                     f"{_rows(rowno, reader.line_num)} has {len(row)} fields, the header has {len(header)}")
                     continue
                 labels = label_map(header, row) if label_map else {c: _number(row[i]) for c, i in label_cols}
                 yield RawInput(index, ident, "smiles", row[s_col].strip(), labels)
 
     fp = fingerprint or _file_fingerprint(path)
-    return Source(path.name, "smiles", iterate, {**fp, "options": asdict(opts)})
+    return Source(path.name, "smiles", iterate, {**fp, "options": asdict(opts)},
+                  options=("smiles_column", "id_column", "label_columns", "delimiter"))
+
+
+def _header(path: Path, delimiter: str) -> list[str]:
+    try:
+        with _open_text(path) as f:
+            header = next(csv.reader(f, delimiter=delimiter), None)
+    except csv.Error as exc:
+        raise SourceError(f"{path}: header row unreadable ({exc})") from None
+    if not header:
+        raise SourceError(f"{path}: empty file, no header row")
+    return header
+
+
+def _rows(first: int, last: int) -> str:
+    # A row over several lines is most often an unbalanced quote that swallowed the lines after it.
+    return f"row {first}" if last <= first else f"row {first} (lines {first}-{last}: a quoted field spans lines)"
 
 
 def _malformed(index: int, ident: str, kind: str, text: str, why: str) -> RawInput:
     return RawInput(index, ident, kind, text, error=why)
 
 
-_SDF_PROP = re.compile(r"^>\s*<([^>]+)>")
+_SDF_PROP = re.compile(r"^>[^<]*<([^>]+)>")  # ">  <name>", also with a field number: "> 25 <name>"
 
 
 def sdf_file(path: Path, opts: SourceOptions) -> Source:
@@ -170,7 +213,8 @@ def sdf_file(path: Path, opts: SourceOptions) -> Source:
         if any(ln.strip() for ln in block):  # a last record without its terminator
             yield _sdf_record(index, block, opts)
 
-    return Source(path.name, "molblock", iterate, {**_file_fingerprint(path), "options": asdict(opts)})
+    return Source(path.name, "molblock", iterate, {**_file_fingerprint(path), "options": asdict(opts)},
+                  options=("id_column", "label_columns"))
 
 
 def _sdf_record(index: int, lines: list[str], opts: SourceOptions) -> RawInput:
@@ -179,10 +223,20 @@ def _sdf_record(index: int, lines: list[str], opts: SourceOptions) -> RawInput:
     for i, ln in enumerate(lines):
         m = _SDF_PROP.match(ln)
         if m and i + 1 < len(lines):
-            props[m.group(1)] = lines[i + 1].strip()
+            # A value runs to the next blank line and may hold several lines (RDKit joins them with
+            # a newline): a multi-line value is kept whole, never cut to its first line.
+            value = []
+            for v in lines[i + 1:]:
+                if not v.strip():
+                    break
+                value.append(v.rstrip("\r\n"))
+            props[m.group(1)] = "\n".join(value).strip()
     ident = props.get(opts.id_column, "") if opts.id_column else title
     labels = {c: _number(props.get(c, "")) for c in opts.label_columns}
     return RawInput(index, ident or f"record{index + 1}", "molblock", "".join(lines), labels)
+
+
+_XYZ_COUNT = re.compile(r"\s*[0-9]+\s*")
 
 
 def xyz_file(path: Path) -> Source:
@@ -191,21 +245,20 @@ def xyz_file(path: Path) -> Source:
 
     def iterate() -> Iterator[RawInput]:
         with _open_text(path) as f:
-            lines = f.read().splitlines()
+            lines = _lines(f.read())
         i, index = 0, 0
         while i < len(lines):
             if not lines[i].strip():
                 i += 1
                 continue
-            head = lines[i].split()
-            if len(head) != 1 or not head[0].isdigit():
+            if not _XYZ_COUNT.fullmatch(lines[i]):
                 start = i
                 i += 1
-                while i < len(lines) and not (len(lines[i].split()) == 1 and lines[i].strip().isdigit()):
+                while i < len(lines) and not _XYZ_COUNT.fullmatch(lines[i]):
                     i += 1
                 yield _malformed(index, f"line{start + 1}", "xyz", "", f"line {start + 1}: expected an atom count, got {lines[start][:40]!r}")
             else:
-                n = int(head[0])
+                n = int(lines[i])
                 block = lines[i : i + n + 2]
                 comment = block[1].strip() if len(block) > 1 else ""
                 yield RawInput(index, comment.split()[0] if comment else f"frame{index + 1}", "xyz", "\n".join(block))
@@ -264,7 +317,7 @@ def b3db(data_dir: Path) -> Source:
     opts = SourceOptions(smiles_column="SMILES", id_column="NO.", delimiter="\t")
     src = delimited_file(path, opts, id_prefix="b3db-", label_map=labels,
                          fingerprint={"named": "b3db", "wheel": registry.WHEELS["qc-b3db"].sha256})
-    src.name = "b3db"
+    src.name, src.options = "b3db", ()  # its own columns and labels
     return src
 
 
@@ -284,12 +337,11 @@ def moleculenet(name: str, folder: Optional[Path]) -> Source:
     path = Path(folder) / MOLECULENET_FILES[key]
     if not path.is_file():
         raise SourceError(f"{path} not found (FLEXMOL_MOLECULENET_DIR={folder})")
-    with _open_text(path) as f:
-        header = next(csv.reader(f))
+    header = _header(path, ",")
     s_col = _pick_smiles_column(header, None, str(path))
     opts = SourceOptions(label_columns=[h for i, h in enumerate(header) if i != s_col])
     src = delimited_file(path, opts, id_prefix=f"{key}-")
-    src.name = key
+    src.name, src.options = key, ()
     return src
 
 
@@ -309,6 +361,8 @@ def open_source(spec: str, opts: Optional[SourceOptions] = None, data_dir: Optio
     path = Path(spec)
     if not path.exists():
         raise SourceError(f"source {spec!r} is neither a file nor a named set ({', '.join(NAMED[:3])}, moleculenet:NAME)")
+    if not path.is_file():  # a directory, a device, a pipe: read twice, it would not give the same inputs
+        raise SourceError(f"source {spec!r} is not a regular file")
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     ext = suffixes[-1] if suffixes else ""
     if ext in (".smi", ".smiles", ".txt", ".ism"):

@@ -5,13 +5,20 @@ runs one task per slice (:func:`flexmol.featurize.task.featurize_shard`) on Ray 
 slice's output name depends only on its position, a shard is written under a temporary name and
 renamed, and its summary in ``parts/`` is written last: a rerun skips finished shards, so a killed
 job resumes. Duplicates across shards are removed at the end by InChIKey (the first occurrence in
-input order stays), then ``rejects.jsonl`` and ``manifest.json`` are written and the counts
-reconciled: input = written + rejected.
+input order stays), then ``rejects.jsonl`` and ``manifest.json`` are written, the counts
+reconciled (input = written + rejected) and the directory checked as ``flexmol shards inspect
+--no-decode`` checks it: a dataset that fails that check is a failed job, never a success.
+
+What cannot become a dataset is refused before any work, in one line naming the key or the file: a
+source with no inputs, an output path that is a file or not writable, a config value RDKit or Ray
+cannot take, a source option the source's reader does not read.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -23,7 +30,7 @@ from flexmol import __version__
 from flexmol.chem import RawInput
 from flexmol.config import FeaturizeConfig, to_dict, validate_featurize
 from flexmol.data import schema
-from flexmol.data.shards import FORMAT, MANIFEST, REJECTS, atomic_write_text, encode_rejects, filter_shard
+from flexmol.data.shards import FORMAT, MANIFEST, REJECTS, atomic_write_text, encode_rejects, filter_shard, inspect
 from flexmol.data.sources import open_source
 from flexmol.featurize.executors import make_executor
 from flexmol.featurize.task import ShardSpec, last_started, part_path, parts_dir
@@ -60,7 +67,13 @@ def _check_plan(out: Path, plan: dict) -> None:
         if any(out.glob("shard-*.tar")) or (out / MANIFEST).exists():
             raise FeaturizeError(f"refusing to write into {out}: it holds shards but no {PLAN} (not made by this job)")
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        old = exc
+    if not isinstance(old, dict):
+        raise FeaturizeError(f"refusing to resume in {out}: its {PLAN} is unreadable or damaged. "
+                             "Use another output directory, or delete this one to rebuild it.")
     diffs = []
     for key in sorted(set(old) | set(plan)):
         if old.get(key) == plan.get(key):
@@ -80,12 +93,76 @@ def _check_plan(out: Path, plan: dict) -> None:
         )
 
 
+# Upper bounds the config schema does not state: past them a value is a typo, or runs out of memory
+# or time inside RDKit (which takes C integers) rather than failing with the key named.
+MAX_CONFORMERS = 1000
+MAX_SECONDS = 1e6
+MAX_EMBED_ATTEMPTS = 100
+
+
+def _check_limits(cfg: FeaturizeConfig) -> None:
+    from flexmol.config import ConfigError
+
+    f = cfg.featurizer
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"config key '{key}': {why}")
+
+    for key, value in (("limit", cfg.limit), ("job.shard_size", cfg.job.shard_size)):
+        if value is not None and value > sys.maxsize:
+            fail(key, f"{value} is more than {sys.maxsize}")
+    if not f.elements:
+        fail("featurizer.elements", "is empty: no molecule could be accepted")
+    if f.num_conformers > MAX_CONFORMERS:
+        fail("featurizer.num_conformers", f"{f.num_conformers} is more than {MAX_CONFORMERS} conformers per molecule")
+    for key in ("embed_timeout_s", "hard_timeout_s"):
+        value = getattr(f, key)
+        if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+            fail(f"featurizer.{key}", f"{value} is not a number of seconds between 0 and {MAX_SECONDS:g}")
+    if f.embed_max_attempts > MAX_EMBED_ATTEMPTS:
+        fail("featurizer.embed_max_attempts", f"{f.embed_max_attempts} is more than {MAX_EMBED_ATTEMPTS}")
+    if f.mmff_max_iters < 0:
+        fail("featurizer.mmff_max_iters", "cannot be negative")
+    if cfg.job.num_cpus is not None and cfg.job.num_cpus < 1:
+        fail("job.num_cpus", f"{cfg.job.num_cpus}: must be at least 1 (or unset for all cores)")
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output path that cannot become a dataset directory, before any work."""
+    if out.exists() and not out.is_dir():
+        raise FeaturizeError(f"--out {out}: exists and is not a directory")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise FeaturizeError(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FeaturizeError(f"--out {out}: {parent} is not writable")
+
+
+def _read(inputs: Iterator[RawInput], name: str) -> Iterator[RawInput]:
+    try:
+        yield from inputs
+    except (OSError, EOFError) as exc:  # unreadable, not gzip, truncated gzip
+        raise FeaturizeError(f"{name}: cannot be read: {exc}") from None
+
+
+def _count_inputs(source, cfg: FeaturizeConfig) -> int:
+    """The first pass over the source: how many inputs it holds (up to ``limit``)."""
+    total = sum(1 for _ in _read(itertools.islice(iter(source), cfg.limit), cfg.source))
+    if total == 0:
+        raise FeaturizeError(f"{cfg.source}: holds no molecules (no input line or record): nothing to featurise")
+    return total
+
+
 def _slices(inputs: Iterator[RawInput], size: int) -> Iterator[tuple[ShardSpec, list[RawInput]]]:
     for shard_id in itertools.count():
         chunk = list(itertools.islice(inputs, size))
         if not chunk:
             return
         yield ShardSpec(shard_id, chunk[0].index, len(chunk)), chunk
+
+
+_PART_KEYS = {"shard", "shard_id", "first_index", "num_inputs", "samples", "bytes", "sha256", "atoms", "conformers",
+              "fragments_stripped", "keys", "rejects"}
 
 
 def _load_part(out: Path, spec: ShardSpec) -> Optional[dict]:
@@ -95,7 +172,9 @@ def _load_part(out: Path, spec: ShardSpec) -> Optional[dict]:
         return None
     try:
         part = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (ValueError, OSError):
+        return None
+    if not isinstance(part, dict) or not _PART_KEYS <= part.keys():
         return None
     shard = out / spec.name
     if part.get("num_inputs") != spec.num_inputs or not shard.exists() or shard.stat().st_size != part.get("bytes"):
@@ -112,29 +191,50 @@ def run_featurize(cfg: FeaturizeConfig, log: Callable[[str], None] = lambda m: p
     started = time.perf_counter()
     try:
         validate_featurize(cfg)
+        _check_limits(cfg)
         source = open_source(cfg.source, cfg.source_options, Path(cfg.data_dir) if cfg.data_dir else None)
     except (ConfigError, SourceError, DatasetUnavailable) as exc:
         raise FeaturizeError(str(exc)) from None
+    opts = cfg.source_options
+    ignored = [k for k in ("smiles_column", "id_column", "label_columns", "delimiter")
+               if getattr(opts, k) and k not in source.options]
+    if ignored:
+        takes = f"it takes {', '.join(source.options)}" if source.options else "it takes no source options"
+        raise FeaturizeError(f"config key 'source_options.{ignored[0]}': {source.name} does not read it ({takes})")
     if cfg.modality != "3d" and not source.has_graph():
         raise FeaturizeError(f"{source.name} holds geometries without bonds: only --modality 3d applies")
     shard_size = cfg.job.shard_size or default_shard_size(cfg.modality)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    parts_dir(out).mkdir(exist_ok=True)
     plan = _plan(cfg, source.fingerprint, source.name, shard_size)
+    _check_out(out)
     _check_plan(out, plan)
-    atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
-    for stale in itertools.chain(out.glob(".shard-*.tar.tmp*"), parts_dir(out).glob(".*.tmp*")):
-        stale.unlink()  # temporaries of a killed run: never a finished shard
+    total = _count_inputs(source, cfg)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        parts_dir(out).mkdir(exist_ok=True)
+        atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
+        for stale in itertools.chain(out.glob(".shard-*.tar.tmp*"), parts_dir(out).glob(".*.tmp*")):
+            stale.unlink()  # temporaries of a killed run: never a finished shard
+    except OSError as exc:
+        raise FeaturizeError(f"cannot write the dataset directory {out}: {exc.strerror or exc}") from None
 
-    total = sum(1 for _ in itertools.islice(source, cfg.limit))
     log(f"[featurize] {source.name}: {total} inputs -> {out} ({cfg.modality}, {-(-total // shard_size)} shards of {shard_size})")
-    summaries = _run_tasks(cfg, out, itertools.islice(iter(source), cfg.limit), shard_size, total, log)
+    summaries = _run_tasks(cfg, out, _read(itertools.islice(iter(source), cfg.limit), cfg.source), shard_size, total, log)
     seen_inputs = sum(s["num_inputs"] for s in summaries)
     if seen_inputs != total:
         raise FeaturizeError(f"the source yielded {seen_inputs} inputs on the second pass, {total} on the first: it changed during the job")
-    _remove_cross_shard_duplicates(out, summaries, log)
-    manifest = _finish(cfg, out, plan, summaries, total, time.perf_counter() - started)
+    try:
+        _remove_cross_shard_duplicates(out, summaries, log)
+        manifest = _finish(cfg, out, plan, summaries, total, time.perf_counter() - started)
+    except OSError as exc:  # e.g. the disk filled up
+        raise FeaturizeError(f"cannot finish the dataset {out}: {exc}. Finished shards are kept: rerun the same "
+                             "command to resume.") from None
+    # The dataset is checked as `flexmol shards inspect` will check it: a job whose output fails
+    # that check has not succeeded, whatever it reconciled on the way.
+    report = inspect(out, decode=False)
+    if not report.ok:
+        problems = "; ".join(" ".join(p.splitlines()) for p in report.problems)
+        raise FeaturizeError(f"the dataset {out} fails its check: {problems}")
     c = manifest["counts"]
     log(f"[featurize] input {c['input']} = written {c['written']} + rejected {c['rejected']}: reconciled "
         f"({manifest['seconds']:.1f} s)")
@@ -177,9 +277,9 @@ def _run_tasks(cfg: FeaturizeConfig, out: Path, inputs: Iterator[RawInput], shar
                     continue
             failures += 1
             if failures > cfg.job.task_retries:
-                raise FeaturizeError(f"{spec.name} failed {failures} time(s), last: {value}. Finished shards are kept: "
-                                     "rerun the same command to resume.")
-            log(f"[featurize] {spec.name} failed ({str(value).splitlines()[0][:200]}); retry {failures}/{cfg.job.task_retries}")
+                raise FeaturizeError(f"{spec.name} failed {failures} time(s), last: {_why(value)}. Finished shards are "
+                                     "kept: rerun the same command to resume.")
+            log(f"[featurize] {spec.name} failed ({_why(value)}); retry {failures}/{cfg.job.task_retries}")
             submit(spec, chunk, skip, failures)
 
     try:
@@ -191,7 +291,11 @@ def _run_tasks(cfg: FeaturizeConfig, out: Path, inputs: Iterator[RawInput], shar
                 bar.update(spec.num_inputs)
                 continue
             if executor is None:
-                executor = make_executor(cfg.job)
+                try:
+                    executor = make_executor(cfg.job)
+                except Exception as exc:  # noqa: BLE001 - Ray's start-up errors are of many types
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise FeaturizeError(f"cannot start the {cfg.job.executor} executor: {first}") from None
             while len(pending) >= executor.max_in_flight:
                 drain()
             submit(spec, chunk, {}, 0)
@@ -204,6 +308,15 @@ def _run_tasks(cfg: FeaturizeConfig, out: Path, inputs: Iterator[RawInput], shar
     if resumed:
         log(f"[featurize] {resumed} finished shard(s) found and kept")
     return [summaries[k] for k in sorted(summaries)]
+
+
+def _why(exc: BaseException) -> str:
+    """One line on why a task failed: the exception raised inside it (Ray wraps it, with the remote
+    traceback, in a RayTaskError whose ``cause`` it is)."""
+    cause = getattr(exc, "cause", None)
+    exc = cause if isinstance(cause, BaseException) else exc
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
 
 def _without_keys(summary: dict) -> dict:

@@ -163,6 +163,6 @@ def last_started(out: Path, shard_id: int) -> int | None:
     path = progress_path(out, shard_id)
     try:
         lines = path.read_text().split()
-    except FileNotFoundError:
+        return int(lines[-1]) if lines else None
+    except (OSError, ValueError):  # gone, or its last line cut short by the death it records
         return None
-    return int(lines[-1]) if lines else None
