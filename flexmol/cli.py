@@ -148,7 +148,7 @@ def _load_model(checkpoint):
         why = str(exc)
         if "config key 'checkpoint'" in why:  # the config key and the flag are the same thing here
             raise ConfigError(why.replace("config key 'checkpoint'", "--checkpoint")) from None
-        raise ConfigError(f"--checkpoint {checkpoint}: {why}") from None
+        raise ConfigError(f"--checkpoint {checkpoint} does not load: {why}") from None
     except Exception as exc:  # noqa: BLE001 -- whatever the files hold: one line, not a traceback
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"--checkpoint {checkpoint} does not load: {first}") from None
@@ -308,10 +308,9 @@ def cmd_evaluate_alignment(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         return fail(f"--device {device}: {exc}")
     try:
-        model = _model(args.checkpoint)
-    except Exception as exc:  # noqa: BLE001 -- whatever the files hold, one line, not a traceback
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return fail(f"checkpoint {args.checkpoint} does not load: {first}")
+        model = _load_model(args.checkpoint)
+    except ConfigError as exc:
+        return fail(exc)
     try:
         report = alignment_report(model, args.data, count=args.count, max_atoms=args.max_atoms, device=device,
                                   seed=args.seed)
@@ -336,9 +335,18 @@ def _confgen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="ETKDG random seed")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, where it has one that the help does not already state."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _sub(sub, name: str, help: str, description: str | None = None, **kw) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+                          formatter_class=_HelpFormatter, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,7 +173,7 @@ def resolve_resource(kind: str, name_or_path: str | Path, key: Optional[str] = N
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path.resolve()
-    what = "no such preset" if is_name(name_or_path) else "no such file"
+    what = "no such preset" if is_name(name_or_path) else "a directory, not a file" if path.is_dir() else "no such file"
     raise ConfigError(f"{key} '{name_or_path}': {what} (known: {', '.join(resource_names(kind))}; or a file path)")
 
 
@@ -183,6 +183,30 @@ def _rebase(value: Any, base: Path, names: bool) -> Any:
         if not path.is_absolute() and (base / path).exists():
             return str((base / path).resolve())
     return value
+
+
+def read_yaml(path: Path) -> DictConfig:
+    """A YAML file of config keys; a file that is not one (bad syntax, not text, a list or a
+    scalar at the top) raises :class:`ConfigError` naming the file."""
+    import yaml
+
+    try:
+        data = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where} ({why})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path}: holds a {type(data).__name__.replace('Config', '').lower()}, "
+                          "not a mapping of config keys (key: value)")
+    return data
 
 
 def load_file(path: str | Path, paths: Iterable[str] = (), names: Iterable[str] = ()) -> DictConfig:
@@ -197,7 +221,7 @@ def load_file(path: str | Path, paths: Iterable[str] = (), names: Iterable[str] 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = OmegaConf.load(path)
+    data = read_yaml(path)
     base = path.resolve().parent
     for key, keep_names in [(k, False) for k in paths] + [(k, True) for k in names]:
         value = OmegaConf.select(data, key, default=None)
@@ -228,12 +252,27 @@ def build(schema: type, *sources: Any, overrides: Optional[List[str]] = None) ->
             for item in overrides:
                 if "=" not in item:
                     raise ConfigError(f"override '{item}' is not of the form key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            merged = OmegaConf.merge(merged, _dotlist(overrides))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         msg = str(exc).splitlines()[0]
+        if "is not a ListConfig" in msg:
+            msg = f"expects a list, e.g. {key or 'key'}=[a,b]"
         raise ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}") from None
+
+
+def _dotlist(overrides: List[str]) -> DictConfig:
+    """``key=value`` overrides as a config; a value that is not valid YAML is named."""
+    import yaml
+
+    for item in overrides:
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as exc:
+            why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({why})") from None
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def to_dict(cfg: Any) -> dict:

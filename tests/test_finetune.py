@@ -514,10 +514,10 @@ def test_default_arms_are_every_arm_that_applies(tiny_export):
     assert model_names(ftconfig.load(overrides=base + ["baselines=[probe_scratch]"])) == ["probe_scratch"]
 
 
-def test_digests_of_the_new_arms_follow_what_they_depend_on(tiny_export, trained_export):
+def test_digests_of_the_new_arms_follow_what_they_depend_on(tiny_export, trained_export, labelled_csv):
     from flexmol.finetune.protocol import run_digest
 
-    base = ["data.source=x", "data.targets=[a]"]
+    base = [f"data.source={labelled_csv}", "data.targets=[logp]"]
 
     def digests(*more):
         cfg = ftconfig.load(overrides=base + list(more))

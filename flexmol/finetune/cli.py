@@ -15,24 +15,46 @@ PATH_KEYS = ("checkpoint", "data.source")
 NAME_KEYS = ("scratch_model",)
 
 
+def _defaults():
+    """The packaged default configuration (unvalidated: it names no data), for the help text."""
+    from flexmol.finetune.config import FinetuneConfig
+
+    return config.build(FinetuneConfig, DEFAULT_CONFIG)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="pre-trained export (or pre-training output_dir); without it only "
-                                        "the arms that need none run")
-    p.add_argument("--data", help="CSV/TSV with a SMILES column, or b3db, qm9, moleculenet:NAME")
-    p.add_argument("--smiles-column")
-    p.add_argument("--target", action="append", dest="targets", help="target column (repeat for multi-task)")
-    p.add_argument("--task", choices=("classification", "regression"))
-    p.add_argument("--metric", choices=("roc_auc", "rmse", "mae"))
-    p.add_argument("--split", choices=("scaffold", "random"))
-    p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1)")
-    p.add_argument("--mode", choices=("2d", "3d", "both"), help="input modalities")
+    d = _defaults()
+    seeds = d.seeds
+    counted = seeds == list(range(len(seeds)))
+    p.add_argument("--checkpoint", help="pre-trained export (or a pre-training output_dir holding export/); config "
+                                        "key checkpoint (default: none: only the arms that need no checkpoint run)")
+    p.add_argument("--data", help="CSV/TSV with a SMILES column, or b3db, qm9, moleculenet:NAME; config key "
+                                  "data.source (default: none, required)")
+    p.add_argument("--smiles-column", help="the SMILES column of a CSV/TSV; config key data.smiles_column (default: "
+                                           "found by name: smiles, SMILES, ...)")
+    p.add_argument("--target", action="append", dest="targets",
+                   help="target column, repeated for multi-task; config key data.targets (default: none, required)")
+    p.add_argument("--task", choices=("classification", "regression"),
+                   help=f"config key data.task (default: {d.data.task})")
+    p.add_argument("--metric", choices=("roc_auc", "rmse", "mae"),
+                   help="config key data.metric (default: roc_auc for classification, rmse for regression)")
+    p.add_argument("--split", choices=("scaffold", "random"),
+                   help=f"scaffold (the same for every seed) or random (per seed); config key split.kind "
+                        f"(default: {d.split.kind}, fractions {list(d.split.fractions)})")
+    p.add_argument("--seeds", type=int, help="number of seeds: 0, 1, ..., N-1; config key seeds (default: "
+                                             + (f"{len(seeds)}: {seeds})" if counted else f"{seeds})"))
+    p.add_argument("--mode", choices=("2d", "3d", "both"),
+                   help=f"input modalities; config key mode (default: {d.mode})")
     p.add_argument("--baselines", help="comma-separated arms beside the pre-trained model with LoRA, in the same "
                                        "table: flexmol_full (the checkpoint, every weight trained), scratch, "
                                        "probe_flexmol, probe_scratch (linear probes on frozen embeddings), ecfp_rf; "
-                                       "all (the default: every arm that applies) or none")
-    p.add_argument("--out", help="output directory (results.json, table.txt, runs/, rejects.jsonl)")
-    p.add_argument("--config", action="append", default=[], help="YAML merged onto the packaged default "
-                                                                   "(flexmol/configs/finetune/default.yaml)")
+                                       "all (every arm that applies) or none; config key baselines "
+                                       f"(default: {','.join(d.baselines)})")
+    p.add_argument("--out", help="output directory (results.json, table.txt, runs/, rejects.jsonl); config key out "
+                                 f"(default: {d.out})")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML merged onto the packaged default (flexmol/configs/finetune/default.yaml); repeatable, "
+                        "later files win (default: none)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.epilog = "Any config key can follow as key=value, e.g. train.epochs=20 lora.r=16 data.limit=500."
 
@@ -83,9 +105,17 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = config_from(args, overrides)
         results = run_finetune(cfg)
     except (ConfigError, SourceError, ValueError) as exc:
-        print(f"flexmol finetune: {exc}", file=sys.stderr)
+        print(f"flexmol finetune: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written (permissions, a full disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"flexmol finetune: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     if results:
         print(table(results))
         print(f"results: {Path(cfg.out) / 'results.json'}")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__

@@ -1,6 +1,8 @@
 """The fine-tuning configuration (``flexmol/configs/finetune/default.yaml``, shipped in the package), overridable as ``key=value``."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -129,8 +131,39 @@ def export_dir(checkpoint: str) -> Path:
     for cand in (path, path / "export"):
         if (cand / "model.safetensors").is_file() and (cand / "model.yaml").is_file():
             return cand
-    raise ConfigError(f"config key 'checkpoint': {path} holds no model.safetensors + model.yaml "
-                      "(an export, or a pre-training output_dir with export/)")
+    what = "does not exist" if not path.exists() else "is a file, not a directory" if not path.is_dir() else \
+        "holds no model.safetensors + model.yaml"
+    raise ConfigError(f"config key 'checkpoint': {path} {what} (an export, or a pre-training output_dir with "
+                      "export/)")
+
+
+def check_export(checkpoint: str) -> Path:
+    """The export of ``checkpoint``, its files checked (checksum, safetensors header, sizes): a
+    damaged or foreign checkpoint is refused before any molecule is featurised."""
+    from flexmol.model.export import ExportError, check_export as check_files
+
+    path = export_dir(checkpoint)
+    try:
+        check_files(path)
+    except ExportError as exc:
+        raise ConfigError(f"config key 'checkpoint': {exc}") from None
+    return path
+
+
+def check_out(out: str) -> None:
+    """``out`` is a directory this process can write into, or one it can create."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"config key 'out': {out} is a file, not a directory")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"config key 'out': cannot create {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = f"{out} is not writable" if existing == path.absolute() else \
+            f"cannot create {out}: {existing} is not writable"
+        raise ConfigError(f"config key 'out': {what}")
 
 
 def selected_baselines(cfg: FinetuneConfig) -> list[str]:
@@ -166,12 +199,23 @@ def validate(cfg: FinetuneConfig) -> None:
     fr = cfg.split.fractions
     if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
         fail("split.fractions", f"{list(fr)} must be three positive numbers summing to 1")
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
-        fail("seeds", f"{list(cfg.seeds)}: give distinct seeds")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+        fail("seeds", f"{list(cfg.seeds)}: give one or more distinct seeds, 0 or more")
+    if cfg.data.subsample_seed < 0:
+        fail("data.subsample_seed", f"must be 0 or more, got {cfg.data.subsample_seed}")
+    if cfg.data.num_workers < 0:
+        fail("data.num_workers", f"must be 0 or more (0 and 1: in this process), got {cfg.data.num_workers}")
     if cfg.mode not in MODES:
         fail("mode", f"'{cfg.mode}' is not one of {', '.join(MODES)}")
     if cfg.lora.r < 1:
-        fail("lora.r", "must be positive")
+        fail("lora.r", f"must be positive, got {cfg.lora.r}")
+    if not cfg.lora.alpha > 0:
+        fail("lora.alpha", f"must be positive, got {cfg.lora.alpha}")
+    for key, value in (("lora.dropout", cfg.lora.dropout), ("head.dropout", cfg.head.dropout)):
+        if not 0 <= value < 1:
+            fail(key, f"must be in [0, 1), got {value}")
+    if cfg.head.hidden < 0:
+        fail("head.hidden", f"must be 0 (the model's width) or more, got {cfg.head.hidden}")
     if not cfg.lora.target_modules:
         fail("lora.target_modules", "empty")
     unknown = [b for b in cfg.baselines if b not in BASELINES + ("all",)]
@@ -188,18 +232,48 @@ def validate(cfg: FinetuneConfig) -> None:
         fail("train", "epochs, batch_size, eval_batch_size and patience must be positive")
     if not 0 <= t.warmup_ratio < 1:
         fail("train.warmup_ratio", "must be in [0, 1)")
+    if not t.lr > 0:
+        fail("train.lr", f"must be positive, got {t.lr}")
+    if t.head_lr is not None and not t.head_lr > 0:
+        fail("train.head_lr", f"must be positive (or null: train.lr), got {t.head_lr}")
+    for key in ("weight_decay", "grad_clip"):
+        if not getattr(t, key) >= 0:
+            fail(f"train.{key}", f"must be 0 or more, got {getattr(t, key)}")
+    if t.bucket < 1:
+        fail("train.bucket", f"must be at least 1 (1: plain shuffling), got {t.bucket}")
+    rf = cfg.rf
+    for key, least in (("n_estimators", 1), ("radius", 0), ("bits", 1)):
+        if getattr(rf, key) < least:
+            fail(f"rf.{key}", f"must be at least {least}, got {getattr(rf, key)}")
+    if rf.n_jobs == 0:
+        fail("rf.n_jobs", "must be a number of processes, or -1 for every core (not 0)")
     for key in ("c_grid", "alpha_grid"):
         grid = getattr(cfg.probe, key)
         if not grid or any(not v > 0 for v in grid):
             fail(f"probe.{key}", f"{list(grid)}: give one or more positive values")
     if cfg.probe.max_iter < 1:
         fail("probe.max_iter", "must be positive")
+    if cfg.device not in ("auto", "cpu"):
+        match = re.fullmatch(r"cuda(?::(\d+))?", cfg.device)
+        if not match:
+            fail("device", f"'{cfg.device}' is not auto, cpu, cuda or cuda:N")
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(match[1] or 0) >= count:
+            fail("device", f"'{cfg.device}': {'no CUDA device here' if not count else f'{count} CUDA device(s) here'}")
+    config.validate_featurizer(cfg.featurizer)
+    if not cfg.out:
+        fail("out", "is required (the output directory)")
+    check_out(cfg.out)
     if cfg.checkpoint:
-        export_dir(cfg.checkpoint)
+        check_export(cfg.checkpoint)
     else:
         from flexmol.model.summary import model_config
 
-        model_config(cfg.scratch_model)
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        fail("device", f"'{cfg.device}' is not auto, cpu, cuda or cuda:N")
-    config.validate_featurizer(cfg.featurizer)
+        try:
+            model_config(cfg.scratch_model, key="scratch_model")
+        except ConfigError as exc:
+            text = str(exc)
+            raise ConfigError(text if text.startswith("scratch_model") else f"config key 'scratch_model': {text}") \
+                from None

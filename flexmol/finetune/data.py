@@ -128,6 +128,8 @@ def _label(value, target: str, task: str) -> float:
     v = float(value)
     if math.isnan(v):
         return v
+    if math.isinf(v):
+        raise ValueError(f"target {target!r}: {value!r} is not a finite number")
     if task == "classification" and v not in (0.0, 1.0):
         raise ValueError(f"target {target!r}: {value!r} is not a class label (0 or 1)")
     return v
@@ -157,8 +159,30 @@ def attach_labels(records: list[dict], targets: list[str], task: str,
 
 # ------------------------------------------------------------------------------------------ load
 
+def content_fingerprint(source) -> dict:
+    """What identifies ``source``'s rows: for a file, its path, size and sha256 (hashed once per
+    version of the file: path, size and modification time), so that an edited file, even one
+    edited within the same second or at the same size, is other data; named sets are identified by
+    their pinned wheel."""
+    from flexmol.model.export import file_sha256
+
+    fp = dict(source.fingerprint)
+    fp.pop("mtime_ns", None)
+    if "path" in fp:
+        fp["sha256"] = file_sha256(fp["path"])
+    return fp
+
+
+def source_fingerprint(source_spec: str, targets: list[str], smiles_column=None, id_column=None) -> dict:
+    """:func:`content_fingerprint` of ``source_spec`` opened as :func:`load_task_data` opens it."""
+    from flexmol.data.sources import open_source
+
+    opts = SourceOptions(smiles_column=smiles_column, id_column=id_column, label_columns=list(targets))
+    return content_fingerprint(open_source(source_spec, opts))
+
+
 def _cache_key(source, opts: SourceOptions, cfg: FeaturizerConfig, modality: str, limit) -> str:
-    blob = json.dumps({"source": source.fingerprint, "options": asdict(opts), "featurizer": cfg.digest(),
+    blob = json.dumps({"source": content_fingerprint(source), "options": asdict(opts), "featurizer": cfg.digest(),
                        "modality": modality, "limit": limit, "schema": schema.SCHEMA_VERSION},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

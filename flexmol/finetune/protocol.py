@@ -53,12 +53,13 @@ def training(cfg: FinetuneConfig, name: str) -> str:
 
 def model_shape(cfg: FinetuneConfig):
     """The architecture: the checkpoint's, or ``scratch_model`` when there is none."""
-    from flexmol.model import ModelConfig
     from flexmol.model.summary import model_config
 
     if cfg.checkpoint:
-        return config.build(ModelConfig, export_dir(cfg.checkpoint) / "model.yaml")
-    return model_config(cfg.scratch_model)
+        from flexmol.model.export import export_model_config
+
+        return export_model_config(export_dir(cfg.checkpoint))
+    return model_config(cfg.scratch_model, key="scratch_model")
 
 
 def backbone(cfg: FinetuneConfig, pretrained: bool):
@@ -71,28 +72,28 @@ def backbone(cfg: FinetuneConfig, pretrained: bool):
     return FlexMol(model_shape(cfg))
 
 
-_SHA256: dict = {}
-
-
 def checkpoint_sha256(cfg: FinetuneConfig) -> str:
     """sha256 of the checkpoint's weights (read once per file version)."""
-    path = export_dir(cfg.checkpoint) / "model.safetensors"
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256:
-        from flexmol.data.shards import file_sha256
+    from flexmol.model.export import file_sha256
 
-        _SHA256[key] = file_sha256(path)
-    return _SHA256[key]
+    return file_sha256(export_dir(cfg.checkpoint) / "model.safetensors")
+
+
+def data_fingerprint(cfg: FinetuneConfig) -> dict:
+    """What identifies the data's content (a file's sha256, a named set's pinned wheel)."""
+    from flexmol.finetune.data import source_fingerprint
+
+    d = cfg.data
+    return source_fingerprint(d.source, d.targets, d.smiles_column, d.id_column)
 
 
 def run_digest(cfg: FinetuneConfig, name: str) -> str:
     """What model ``name``'s result for a seed depends on, and nothing else (not the device, the
     output folder, the other models or seeds): baselines run before a checkpoint exists are reused
-    once it does, and a changed setting reruns only the runs it affects."""
+    once it does, and a changed setting, or a changed data file, reruns only the runs it affects."""
     d = config.to_dict(cfg)
     keep = {"data": {k: v for k, v in d["data"].items() if k != "num_workers"}, "split": d["split"],
-            "featurizer": d["featurizer"], "mode": d["mode"]}
+            "featurizer": d["featurizer"], "mode": d["mode"], "content": data_fingerprint(cfg)}
     if name == "ecfp_rf":
         keep["rf"] = d["rf"]
         return _digest(keep)
@@ -113,15 +114,28 @@ def _digest(keep: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_classes(labels: np.ndarray, split: Split, targets: list[str], what: str) -> None:
+def check_classes(labels: np.ndarray, split: Split, targets: list[str], what: str, hint: str = "") -> None:
     """ROC-AUC needs both classes: refuse a split whose validation or test part has no task with
-    both, rather than report an undefined metric."""
+    both, rather than report an undefined metric. ``hint``: what the user may change."""
+    hint = hint or "try split.kind=random or other split.fractions"
     for part in ("train", "valid", "test"):
         y = labels[getattr(split, part)]
         if not any(len(np.unique(y[~np.isnan(y[:, t]), t])) == 2 for t in range(y.shape[1])):
             raise ValueError(f"{what}: the {part} part ({len(y)} molecules) holds one class only for every "
-                             f"target {targets}; ROC-AUC is undefined there (try split.kind=random or other "
-                             "split.fractions)")
+                             f"target {targets}; ROC-AUC is undefined there ({hint})")
+
+
+def _class_hint(cfg: FinetuneConfig, data: TaskData) -> str:
+    """Why a classification set may hold one class: labels other than 0/1 rejected, a set with one
+    class, or a split that puts one class in a part."""
+    bad = sum(r["code"] == "bad_label" for r in data.rejects)
+    if bad:
+        return (f"{bad} of {data.read} rows were rejected for their labels, which must be 0 or 1; "
+                f"see {Path(cfg.out) / 'rejects.jsonl'}")
+    if all(len(np.unique(col[~np.isnan(col)])) < 2 for col in data.labels.T):
+        return "the whole set holds one class"
+    return "try other split.fractions" if cfg.split.kind == "random" else \
+        "try split.kind=random or other split.fractions"
 
 
 def probe_features(name: str, seed: int, data: TaskData, cfg: FinetuneConfig, device, cache: dict | None = None):
@@ -240,7 +254,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         dist.init_process_group("gloo")
     device = _device(cfg)
     digests = {name: run_digest(cfg, name) for name in model_names(cfg)}
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise config.ConfigError(f"config key 'out': cannot create {out} ({exc.strerror or exc})") from None
     modality = "2d" if cfg.mode == "2d" else "paired"
 
     def load(progress):
@@ -272,7 +289,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                              f"empty (split.fractions={list(cfg.split.fractions)}); more molecules are needed")
     if data.task == "classification":
         for seed, sp in splits.items():
-            check_classes(data.labels, sp, data.targets, f"{cfg.split.kind} split (seed {seed})")
+            check_classes(data.labels, sp, data.targets, f"{cfg.split.kind} split (seed {seed})",
+                          _class_hint(cfg, data))
     jobs = [(name, seed) for name in model_names(cfg) for seed in cfg.seeds]
     cache: dict = {}  # the probes' embeddings
     for j, (name, seed) in enumerate(jobs):

@@ -17,7 +17,8 @@ class SharedAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
-        assert dim % heads == 0, "dim must be divisible by heads"
+        if heads < 1 or dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)

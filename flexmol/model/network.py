@@ -29,6 +29,27 @@ class ModelConfig:
     proj_dim: int = 128  # contrastive projection
 
 
+# The least value of each size; decoder_layers and mm_layers may be 0 (the decoders are then their
+# output projections, the multi-modal encoder the sum of the two encoders' outputs, layer-normed).
+MINIMUM = {"dim": 1, "heads": 1, "layers": 1, "decoder_layers": 0, "mm_layers": 0, "ffn_mult": 1, "num_kernels": 1,
+           "max_spd": 1, "max_path": 1, "proj_dim": 1}
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    """Refuse sizes the network cannot be built with, naming the key (:class:`ConfigError`)."""
+    from flexmol.config import ConfigError
+
+    for key, least in MINIMUM.items():
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"config key '{key}': must be an integer of at least {least}, got {value!r}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"config key 'dropout': must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.dim % cfg.heads:
+        raise ConfigError(f"config keys 'dim' and 'heads': dim {cfg.dim} is not divisible by heads {cfg.heads} "
+                          "(each head takes dim / heads channels)")
+
+
 class FeatureLearner(nn.Module):
     """An MLP from one modality's atom representation to the other's (2D-FL: y -> x~, 3D-FL: x -> y~).
     Trained on paired data in stage 1; frozen teachers of the decoders in stage 2."""
@@ -87,6 +108,7 @@ class MultiModalEncoder(nn.Module):
 class FlexMol(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        validate_model(cfg)
         self.cfg = cfg
         d, h = cfg.dim, cfg.heads
         # input representations

@@ -1,18 +1,33 @@
 """Model presets and parameter accounting."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from flexmol import config
-from flexmol.model.network import FlexMol, ModelConfig
+from flexmol.config import ConfigError
+from flexmol.model.network import FlexMol, ModelConfig, validate_model
 
 CONFIG_DIR = config.PACKAGE_CONFIGS / "model"
 
 
-def model_config(size_or_path: str, overrides: list[str] | None = None) -> ModelConfig:
-    """A preset name (tiny, small, base: ``flexmol/configs/model/NAME.yaml``) or a YAML path."""
-    path = config.resolve_resource("model", size_or_path, key="model.size")
-    return config.build(ModelConfig, path, overrides=overrides)
+def model_config(size_or_path: str, overrides: list[str] | None = None, key: str = "model.size") -> ModelConfig:
+    """A preset name (tiny, small, base: ``flexmol/configs/model/NAME.yaml``) or a YAML path;
+    ``key`` is the config key that named it, for the error when it names nothing."""
+    path = config.resolve_resource("model", size_or_path, key=key)
+    return model_config_file(path, overrides)
+
+
+def model_config_file(path: Path, overrides: list[str] | None = None) -> ModelConfig:
+    """The sizes in the YAML ``path``, checked (:func:`validate_model`); a bad value raises
+    :class:`ConfigError` naming the file and the key."""
+    try:
+        cfg = config.build(ModelConfig, path, overrides=overrides)
+        validate_model(cfg)
+    except ConfigError as exc:
+        raise ConfigError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+    return cfg
 
 
 def parameter_table(model: FlexMol) -> list[tuple[str, int]]:
