@@ -425,3 +425,65 @@ def test_a_run_cut_while_closing_closes_on_resume_and_a_finished_run_does_nothin
     lines = (tmp_path / "r" / "metrics.jsonl").read_text()
     assert Pretrainer(tc.load(STAGE[1], overrides)).run() == []
     assert export.stat().st_mtime_ns == stamp and (tmp_path / "r" / "metrics.jsonl").read_text() == lines
+
+
+def _records(out, split="train"):
+    return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == split]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_at_an_odd_step_with_two_loader_workers_resumes_exactly(qm9_paired, tmp_path):
+    """3 batches taken by 2 workers: the resumed loader's first batch must be worker 1's."""
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    base = SMALL + [f"data.paired=[{qm9_paired}]", "data.num_workers=2", "train.max_steps=6", "train.save_every=100"]
+    straight = Pretrainer(tc.load(STAGE[1], base + [f"output_dir={tmp_path / 'a'}"])).run()
+    first = Pretrainer(tc.load(STAGE[1], base + [f"output_dir={tmp_path / 'b'}", "train.stop_after=3"])).run()
+    second = Pretrainer(tc.load(STAGE[1], base + [f"output_dir={tmp_path / 'b'}", "resume=auto"])).run()
+    assert [r["step"] for r in first + second] == [1, 2, 3, 4, 5, 6]
+    assert [r["molecules"] for r in first + second] == [r["molecules"] for r in straight]
+    assert [r["loss/total"] for r in first + second] == [r["loss/total"] for r in straight]
+
+
+@pytest.mark.slow
+def test_metrics_hold_each_step_once_after_a_kill_between_checkpoints(qm9_paired, tmp_path, monkeypatch):
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    base = SMALL + [f"data.paired=[{qm9_paired}]", "train.max_steps=6", "train.save_every=2", "validation.every=2"]
+    Pretrainer(tc.load(STAGE[1], base + [f"output_dir={tmp_path / 'a'}"])).run()
+    log = Pretrainer._log
+
+    def killed_after_step_5(self, record):
+        log(self, record)
+        if record["split"] == "train" and record["step"] == 5:
+            raise KeyboardInterrupt("killed between the checkpoints of steps 4 and 6")
+
+    cut = base + [f"output_dir={tmp_path / 'b'}", "resume=auto"]
+    with monkeypatch.context() as m:
+        m.setattr(Pretrainer, "_log", killed_after_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            Pretrainer(tc.load(STAGE[1], cut)).run()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    assert [r["step"] for r in _records(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    Pretrainer(tc.load(STAGE[1], cut)).run()
+    straight, resumed = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss/total"] for r in resumed] == [r["loss/total"] for r in straight]
+    assert [r["step"] for r in _records(tmp_path / "b", "valid")] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_a_run_started_afresh_in_a_used_output_dir_sets_the_earlier_metrics_aside(qm9_paired, tmp_path):
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    over = SMALL + [f"data.paired=[{qm9_paired}]", "train.max_steps=2", f"output_dir={tmp_path / 'r'}"]
+    Pretrainer(tc.load(STAGE[1], over)).run()
+    earlier = (tmp_path / "r" / "metrics.jsonl").read_text()
+    Pretrainer(tc.load(STAGE[1], over + ["train.seed=3"])).run()  # resume=none: starts at step 0 again
+    assert [r["step"] for r in _records(tmp_path / "r")] == [1, 2]
+    aside = list((tmp_path / "r").glob("metrics.before-*.jsonl"))
+    assert len(aside) == 1 and aside[0].read_text() == earlier

@@ -1,5 +1,6 @@
 """Mixed, deterministic, resumable training streams."""
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,16 +54,18 @@ def same(a, b):
     return a["z"].shape == b["z"].shape and torch.equal(a["z"], b["z"]) and torch.equal(a["atom_feat"], b["atom_feat"])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_stream_continues_the_exact_batch_sequence(nci_2d, workers):
+@pytest.mark.parametrize("workers,head", [(0, 4), (2, 4), (2, 5), (3, 3), (3, 4), (3, 5)])
+def test_a_resumed_stream_continues_the_exact_batch_sequence(nci_2d, workers, head):
+    """Whatever ``taken % workers`` is: the new loader starts its round-robin at its worker 0."""
     urls = dataset_urls([str(nci_2d)])
     kw = dict(max_atoms=256, seed=11, shuffle_buffer=64, num_workers=workers)
     straight = batches(SourceStream("single_2d", urls, **kw), 10)
     first = SourceStream("single_2d", urls, **kw)
-    head = batches(first, 4)
+    got = batches(first, head)
     resumed = SourceStream("single_2d", urls, taken=first.taken, **kw)
-    tail = batches(resumed, 6)
-    assert all(same(a, b) for a, b in zip(straight, head + tail))
+    got += batches(resumed, 3)  # and resumed again, at another offset
+    got += batches(SourceStream("single_2d", urls, taken=resumed.taken, **kw), 10 - head - 3)
+    assert len(got) == 10 and all(same(a, b) for a, b in zip(straight, got))
     assert not same(straight[0], straight[1])
     other_seed = batches(SourceStream("single_2d", urls, **{**kw, "seed": 12}), 3)
     assert not all(same(a, b) for a, b in zip(straight, other_seed))
@@ -183,3 +186,85 @@ def test_ranks_reading_a_source_with_too_few_shards_get_disjoint_molecules(nci_2
     assert seen[0] and seen[1]
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) <= 50
+
+
+def test_a_shard_cut_short_by_a_damaged_tar_header_stops_the_stream_naming_it(nci_2d, tmp_path):
+    """A tar header that fails its checksum ends a tar stream without an error: the records after
+    it would vanish unless the count is checked against the manifest."""
+    import shutil
+    import tarfile
+
+    from flexmol.data.integrity import DataError
+
+    data = Path(shutil.copytree(nci_2d, tmp_path / "nci2d"))
+    shard = data / "shard-000003.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[10]
+    with open(shard, "r+b") as f:
+        f.seek(member.offset + 108)  # the uid field of the header
+        f.write(b"7777777")
+    urls = dataset_urls([str(data)])
+    stream = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0)
+    with pytest.raises(DataError, match=r"data\.single_2d: .*shard shard-000003\.tar: 10 records read, "
+                                        r"manifest\.json says 50"):
+        batches(stream, 20)
+    skipping = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0, on_bad_record="skip")
+    batches(skipping, 5)
+    assert skipping.skipped >= 40 and skipping.skipped % 40 == 0  # 40 records lost per read of the shard
+
+
+def test_a_record_with_values_out_of_its_vocabulary_stops_the_stream_naming_it_or_is_skipped(nci_2d, tmp_path):
+    import shutil
+    import tarfile
+
+    from flexmol.data import schema
+    from flexmol.data.integrity import DataError
+
+    data = Path(shutil.copytree(nci_2d, tmp_path / "nci2d"))
+    shard = data / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.isfile()][7]
+        raw = tar.extractfile(member).read()
+    feat = schema.decode(raw)["atom_feat"]
+    at = member.offset_data + raw.index(feat.tobytes()) + 2  # the chirality of the first atom
+    with open(shard, "r+b") as f:  # same size: only a checksum tells
+        f.seek(at)
+        f.write(bytes([250]))
+    key = member.name.partition(".")[0]
+    urls = dataset_urls([str(data)])
+    with pytest.raises(DataError, match=rf"shard-000000\.tar: record {key}: atom feature out of its vocabulary"):
+        batches(SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0), 20)
+    skipping = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0, on_bad_record="skip")
+    got = batches(skipping, 20)
+    assert skipping.skipped >= 1 and all(int(b["atom_feat"].max()) < 119 for b in got)
+
+
+def test_skipping_bad_records_of_a_source_without_a_good_one_stops_rather_than_reading_forever(nci_2d, tmp_path):
+    import shutil
+    import signal
+    import tarfile
+
+    from flexmol.data.integrity import DataError
+
+    data = Path(shutil.copytree(nci_2d, tmp_path / "nci2d"))
+    for shard in sorted(data.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            offsets = [m.offset_data for m in tar.getmembers() if m.isfile()]
+        with open(shard, "r+b") as f:
+            for at in offsets:
+                f.seek(at)
+                f.write(b"\xc1")  # no record decodes
+    stream = SourceStream("single_2d", dataset_urls([str(data)]), max_atoms=256, seed=0, num_workers=0,
+                          on_bad_record="skip")
+
+    def hung(signum, frame):
+        raise TimeoutError("the stream read bad records for 60 s without stopping")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with pytest.raises(DataError, match=r"data\.single_2d: no good record in the last \d+ records read"):
+            next(stream)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

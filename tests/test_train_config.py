@@ -40,3 +40,12 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
     assert lr_factor(60, 10, 110, "linear", 0.0) == pytest.approx(0.5)
     assert lr_factor(500, 10, 110, "constant", 0.0) == 1.0
+
+
+def test_warm_up_is_a_tenth_of_max_steps_unless_set_and_never_longer_than_the_run():
+    stage1 = REPO / "configs" / "pretrain" / "stage1.yaml"
+    assert tc.load(stage1).train.warmup_steps == 100  # 1000 steps
+    assert tc.load(stage1, ["train.max_steps=50"]).train.warmup_steps == 5  # a short try of the shipped stage
+    assert tc.load(stage1, ["train.max_steps=50", "train.warmup_steps=50"]).train.warmup_steps == 50
+    with pytest.raises(ConfigError, match=r"'train.warmup_steps': 60 is more than train.max_steps \(50\)"):
+        tc.load(stage1, ["train.max_steps=50", "train.warmup_steps=60"])

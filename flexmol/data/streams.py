@@ -11,14 +11,24 @@
   and runs the same modules (ZeRO-3 deadlocks otherwise) and a ramp "by step" means optimizer steps
   whatever the gradient accumulation.
 - State is the step and, per source, the number of batches taken. The DataLoader hands out its
-  workers' batches in turn, so that count fixes how many batches each worker produced; on resume
-  each worker regenerates and drops those (records are decoded and batched, not collated), and
-  the batch sequence continues exactly where it stopped.
+  workers' batches in turn, so batch ``p`` of the stream (counted from its very start) is batch
+  ``p // W`` of worker ``p % W`` (W loader workers). A worker's seeds, shard share and skip count
+  come from its *logical* number, not from the DataLoader's: a loader started after ``taken``
+  batches gives its worker ``i`` the logical number ``(i + taken) % W``. Its first batch (from its
+  worker 0) is then the one of logical worker ``taken % W``, the one the uninterrupted stream
+  hands out at position ``taken``, and the round-robin continues in step with the original order
+  whatever ``taken % W`` is. Each logical worker regenerates and drops the batches it produced
+  before the checkpoint (records are decoded and batched, not collated), and the batch sequence
+  continues exactly where it stopped.
+- Records are checked as they are read (:mod:`flexmol.data.integrity`): a shard that ends early or
+  a record that does not decode or would not make a valid batch stops the stream with one line
+  naming the dataset, shard and record (``on_bad_record="stop"``), or is dropped and counted
+  (``"skip"``; the count of each batch travels with it, so a resumed stream counts exactly what
+  the uninterrupted one did).
 """
 from __future__ import annotations
 
 import bisect
-import functools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +39,8 @@ import torch
 import webdataset as wds
 
 from flexmol.data.collate import atom_budget_batches, collate
-from flexmol.data.loader import decode_sample
+from flexmol.data.integrity import (MODALITY_OF_SOURCE, DataError, RecordGuard, batch_problem, checked_records,
+                                    value_problem)
 from flexmol.data.shards import load_manifest
 
 SOURCES = ("paired", "single_2d", "single_3d")
@@ -96,29 +107,47 @@ def dataset_urls(directories: Sequence[str]) -> list[str]:
     return urls
 
 
-def _skip_batches(skip: int, num_workers: int):
-    """Pipeline stage: drop the batches this worker produced before the checkpoint."""
+def _worker_identity(offset: int) -> tuple[int, int, int, int]:
+    """(rank, world, logical worker, workers) of the calling loader worker: the DataLoader's worker
+    ``i`` plays logical worker ``(i + offset) % workers`` (``offset``: batches taken before this
+    loader started, modulo the workers), see the module docstring."""
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    return rank, world, (worker + offset) % workers, workers
+
+
+def _worker_seed(offset: int):
+    def seed() -> int:  # what wds.utils.pytorch_worker_seed gives, for the logical worker
+        rank, _, worker, _ = _worker_identity(offset)
+        return rank * 1000 + worker
+
+    return seed
+
+
+def _skip_batches(skip: int, num_workers: int, offset: int, guard: RecordGuard):
+    """Pipeline stage: drop the batches this worker produced before the checkpoint. Each batch
+    takes the count of records skipped since the previous one (dropped ones were counted before)."""
 
     def stage(batches):
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
+        _, _, worker, _ = _worker_identity(offset)
         workers = max(num_workers, 1)
         mine = (skip - worker + workers - 1) // workers if skip > worker else 0
+        counted = 0
         for i, b in enumerate(batches):
+            skipped, counted = guard.total - counted, guard.total
             if i >= mine:
-                yield b
+                yield b, skipped
 
     return stage
 
 
-def _worker_rng(seed: int, purpose: str) -> random.Random:
-    """An RNG of this rank and loader worker (created inside the worker, so workers differ)."""
-    return random.Random(f"{seed}/{wds.utils.pytorch_worker_seed()}/{purpose}")
+def _worker_rng(seed: int, purpose: str, offset: int = 0) -> random.Random:
+    """An RNG of this rank and (logical) loader worker (created inside the worker, so workers differ)."""
+    return random.Random(f"{seed}/{_worker_seed(offset)()}/{purpose}")
 
 
-def _shuffle(bufsize: int, seed: int):
+def _shuffle(bufsize: int, seed: int, offset: int = 0):
     def stage(samples):
-        yield from wds.shuffle(bufsize, initial=bufsize, rng=_worker_rng(seed, "shuffle"))(samples)
+        yield from wds.shuffle(bufsize, initial=bufsize, rng=_worker_rng(seed, "shuffle", offset))(samples)
 
     return stage
 
@@ -132,7 +161,7 @@ def _shard_sizes(urls: Sequence[str]) -> list[int]:
     return [sizes[Path(u).parent].get(Path(u).name, 0) for u in urls]
 
 
-def split_samples(urls: Sequence[str], num_workers: int):
+def split_samples(urls: Sequence[str], num_workers: int, offset: int = 0):
     """Pipeline stage: when a source has fewer shards than ranks x loader workers, each of them
     keeps a disjoint share of every shard's records (by position in the shard), so that ranks do
     not train on the same molecules in the same step (with more shards than readers, resampling
@@ -141,32 +170,25 @@ def split_samples(urls: Sequence[str], num_workers: int):
     sizes = dict(zip(urls, _shard_sizes(urls)))
 
     def stage(samples):
-        rank, world, worker, _ = wds.utils.pytorch_worker_info()
+        rank, world, worker, _ = _worker_identity(offset)
         groups = world * max(1, num_workers)
         if len(urls) >= groups:
             yield from samples
             return
         mine = rank * max(1, num_workers) + worker
-        url = key = None
-        position = 0
-        for sample in samples:
-            # a new shard starts where the url changes or the keys (increasing in a shard) restart
-            if sample.get("__url__") != url or key is None or sample["__key__"] <= key:
-                position = 0
-            url, key = sample.get("__url__"), sample["__key__"]
-            if sizes.get(url, 0) < groups or position % groups == mine:
+        for sample in samples:  # __position__: the record's place in its shard
+            if sizes.get(sample["__url__"], 0) < groups or sample["__position__"] % groups == mine:
                 yield sample
-            position += 1
 
     return stage
 
 
-def sample_conformer(seed: int):
+def sample_conformer(seed: int, offset: int = 0):
     """Pipeline stage: each record keeps one of its K conformers, drawn per record by this worker's
     seeded RNG (so a resumed stream draws what the uninterrupted one did)."""
 
     def stage(records):
-        rng = _worker_rng(seed, "conformer")
+        rng = _worker_rng(seed, "conformer", offset)
         for r in records:
             pos = r.get("pos")
             if pos is not None and len(pos) > 1:
@@ -184,30 +206,99 @@ def _budget(max_atoms: int):
     return stage
 
 
+def _collate(records: list[dict], max_spd: int, max_path: int) -> tuple[Optional[dict], Optional[Exception]]:
+    try:
+        batch = collate(records, max_spd=max_spd, max_path=max_path)
+    except (ValueError, IndexError, KeyError, TypeError) as exc:
+        return None, exc
+    return (None, None) if batch_problem(batch) else (batch, None)
+
+
+def _collate_checked(guard: RecordGuard, max_spd: int, max_path: int):
+    """Pipeline stage: collate each (records, skipped) pair and check the batch's values. A batch
+    that fails is checked record by record: a bad record stops the run, or (skip) is dropped and
+    counted and the others make the batch; a batch left empty goes on as an empty one carrying its
+    count, so that the position in the stream stays the same."""
+
+    def stage(pairs):
+        for records, skipped in pairs:
+            batch, exc = _collate(records, max_spd, max_path)
+            if batch is None:
+                before = guard.total
+                good = []
+                for r in records:
+                    why = value_problem(r)
+                    if why:
+                        guard.problem(r["__url__"], r["__key__"], why)
+                    else:
+                        good.append(r)
+                batch, exc = _collate(good, max_spd, max_path) if good else (None, None)
+                if batch is None and good:  # no record to blame: the batch as a whole
+                    shards = sorted({r["__url__"] for r in good})
+                    why = f"({type(exc).__name__}: {exc})" if exc else "(values out of range)"
+                    guard.problem(shards[0], None, f"a batch of {len(good)} records from {len(shards)} shard(s) does "
+                                                   f"not collate {why}", count=len(good))
+                skipped += guard.total - before
+                if batch is None:
+                    yield {"skipped_records": skipped}
+                    continue
+            batch["skipped_records"] = skipped
+            if skipped:
+                batch["skip_notes"] = dict(guard.notes)
+            yield batch
+
+    return stage
+
+
+def _deliver():
+    """Pipeline stage, the last: a :class:`DataError` raised anywhere upstream in the worker ends
+    the worker's stream with a batch ``{"error": message}``, which :class:`SourceStream` raises in
+    the main process as the same one-line error (rather than the worker's traceback)."""
+
+    def stage(batches):
+        try:
+            yield from batches
+        except DataError as exc:
+            yield {"error": str(exc)}
+
+    return stage
+
+
 def source_pipeline(urls: Sequence[str], *, max_atoms: int, seed: int, shuffle_buffer: int, skip: int,
-                    num_workers: int, max_spd: int = 8, max_path: int = 5) -> wds.DataPipeline:
+                    num_workers: int, max_spd: int = 8, max_path: int = 5, source: str = "paired",
+                    on_bad_record: str = "stop") -> wds.DataPipeline:
+    """The batches of one source; ``skip`` batches of the stream were taken before (see the module
+    docstring for how the workers are numbered then)."""
+    offset = skip % max(num_workers, 1)
+    sizes = dict(zip(urls, _shard_sizes(urls)))
+    guard = RecordGuard(source, MODALITY_OF_SOURCE.get(source, source), sizes, on_bad_record)
     return wds.DataPipeline(
-        wds.ResampledShards(list(urls), seed=seed, deterministic=True),
-        wds.tarfile_to_samples(),
-        split_samples(urls, num_workers),
-        _shuffle(shuffle_buffer, seed) if shuffle_buffer > 1 else wds.identity,
-        wds.map(decode_sample),
-        sample_conformer(seed),
+        wds.ResampledShards(list(urls), seed=seed, deterministic=True, worker_seed=_worker_seed(offset)),
+        guard.read,
+        split_samples(urls, num_workers, offset),
+        _shuffle(shuffle_buffer, seed, offset) if shuffle_buffer > 1 else wds.identity,
+        guard.decode,
+        sample_conformer(seed, offset),
         _budget(max_atoms),
-        _skip_batches(skip, num_workers),
-        wds.map(functools.partial(collate, max_spd=max_spd, max_path=max_path)),
+        _skip_batches(skip, num_workers, offset, guard),
+        _collate_checked(guard, max_spd, max_path),
+        _deliver(),
     )
 
 
 class SourceStream:
-    """The endless batch stream of one source, with its position as state."""
+    """The endless batch stream of one source, with its position as state: ``taken`` batches
+    (empty ones of skipped data included) and ``skipped`` records (``on_bad_record="skip"``)."""
 
     def __init__(self, name: str, urls: Sequence[str], *, max_atoms: int, seed: int, shuffle_buffer: int = 1000,
-                 num_workers: int = 2, taken: int = 0, max_spd: int = 8, max_path: int = 5):
-        self.name, self.urls, self.taken = name, list(urls), taken
+                 num_workers: int = 2, taken: int = 0, max_spd: int = 8, max_path: int = 5,
+                 on_bad_record: str = "stop", skipped: int = 0, log=None):
+        self.name, self.urls, self.taken, self.skipped = name, list(urls), taken, skipped
         self._kw = dict(max_atoms=max_atoms, seed=seed, shuffle_buffer=shuffle_buffer, num_workers=num_workers,
-                        max_spd=max_spd, max_path=max_path)
+                        max_spd=max_spd, max_path=max_path, source=name, on_bad_record=on_bad_record)
         self._it: Optional[Iterator] = None
+        self._noted: set[str] = set()
+        self._log = log
 
     def _start(self) -> Iterator:
         workers = self._kw["num_workers"]
@@ -219,9 +310,19 @@ class SourceStream:
     def __next__(self) -> dict:
         if self._it is None:  # started on first use: a source with weight 0 costs nothing
             self._it = self._start()
-        batch = next(self._it)
-        self.taken += 1
-        return batch
+        while True:
+            batch = next(self._it)
+            if "error" in batch:
+                raise DataError(batch["error"])
+            self.taken += 1
+            self.skipped += int(batch.pop("skipped_records", 0))
+            for shard, note in batch.pop("skip_notes", {}).items():
+                if shard not in self._noted:
+                    self._noted.add(shard)
+                    if self._log is not None:
+                        self._log(f"skipping bad data: {note}")
+            if "mask" in batch:
+                return batch
 
 
 class MixedStream:
@@ -252,21 +353,28 @@ class MixedStream:
         return {"step": self.step, "taken": {k: s.taken for k, s in self.sources.items()}}
 
 
-def heldout_records(urls: Sequence[str], max_molecules: int) -> list[dict]:
+def heldout_records(urls: Sequence[str], max_molecules: int, modality: Optional[str] = None,
+                    on_bad_record: str = "stop", notes: Optional[list] = None) -> list[dict]:
     """Up to ``max_molecules`` records, an equal share from each shard of ``urls`` in order (so
-    every held-out dataset is represented). The same on every call and every rank."""
+    every held-out dataset is represented). The same on every call and every rank. Records are
+    checked as in training (``modality``: the manifest's, when not given): a bad one raises
+    :class:`~flexmol.data.integrity.DataError`, or with ``on_bad_record="skip"`` is left out."""
     import itertools
 
-    from flexmol.data.shards import read_shard
-
     share = -(-max_molecules // max(1, len(urls)))
-    return list(itertools.islice(
-        itertools.chain.from_iterable(itertools.islice(read_shard(Path(u)), share) for u in urls), max_molecules))
+    modalities = {}
+    for u in urls:
+        d = Path(u).parent
+        if d not in modalities:
+            modalities[d] = modality or load_manifest(d).get("modality")
+    return list(itertools.islice(itertools.chain.from_iterable(
+        itertools.islice(checked_records(u, modalities[Path(u).parent], on_bad_record, notes=notes), share)
+        for u in urls), max_molecules))
 
 
 def fixed_batches(urls: Sequence[str], *, max_atoms: int, max_molecules: int, max_spd: int = 8,
-                  max_path: int = 5) -> list[dict]:
+                  max_path: int = 5, on_bad_record: str = "stop", notes: Optional[list] = None) -> list[dict]:
     """Evaluation batches of :func:`heldout_records`, each molecule with its first conformer,
     batched by atom budget."""
-    records = heldout_records(urls, max_molecules)
+    records = heldout_records(urls, max_molecules, on_bad_record=on_bad_record, notes=notes)
     return [collate(b, max_spd=max_spd, max_path=max_path) for b in atom_budget_batches(records, max_atoms)]

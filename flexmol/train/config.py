@@ -5,6 +5,9 @@ Keys others rely on: ``model.size``, ``data.paired``, ``data.single_2d``, ``data
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -35,6 +38,13 @@ class DataSection:
     max_atoms: int = 2048  # padded atoms per batch
     num_workers: int = 2  # loader workers per source
     shuffle_buffer: int = 1000
+    # sha256 of every shard against its manifest at start-up (sizes are always checked). About a
+    # second per GB, shared by the ranks (measured: flexmol/data/integrity.py); false skips it.
+    verify_checksums: bool = True
+    # A record that does not decode or a shard that ends early while training: stop (one line naming
+    # the dataset, shard and record; exit 2) | skip (dropped, counted in metrics.jsonl's
+    # skipped_records per source).
+    on_bad_record: str = "stop"
     # Source weights by step: piecewise linear between points, constant after the last.
     mix: List[MixPointConfig] = field(default_factory=lambda: [MixPointConfig(0, {"paired": 1.0})])
 
@@ -43,7 +53,7 @@ class DataSection:
 class TrainSection:
     max_steps: int = 1000
     lr: float = 1e-4
-    warmup_steps: int = 100
+    warmup_steps: Optional[int] = None  # linear warm-up; unset: a tenth of max_steps
     decay: str = "cosine"  # cosine | linear | constant, from the end of warm-up to max_steps
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -53,6 +63,10 @@ class TrainSection:
     seed: int = 0
     log_every: int = 10
     save_every: int = 500
+    # Optimizer steps in a row whose loss is not finite before the run stops (exit 1, nothing saved
+    # after the last checkpoint). DeepSpeed skips the update of such a step, so a rare bad batch
+    # passes; a diverged run does not. 1: stop at the first.
+    max_nonfinite_steps: int = 3
     # Stop (and checkpoint) at this step although max_steps is further: a run cut into chunks by a
     # scheduler's time limit, exactly like a preempted one. The LR schedule follows max_steps.
     stop_after: Optional[int] = None
@@ -110,9 +124,16 @@ def load(path: str | Path | None, overrides: Optional[List[str]] = None) -> Pret
         path = config.resolve_resource("pretrain", path, key="--config")
     source = None if path is None else config.load_file(path, PATH_KEYS, NAME_KEYS)
     cfg = config.build(PretrainConfig, source, overrides=overrides)
+    if cfg.train.warmup_steps is None:
+        cfg.train.warmup_steps = warmup_steps(cfg.train)
     resolve_paths(cfg)
     validate(cfg)
     return cfg
+
+
+def warmup_steps(t: TrainSection) -> int:
+    """``train.warmup_steps``, or a tenth of ``train.max_steps`` when it is unset."""
+    return t.warmup_steps if t.warmup_steps is not None else t.max_steps // 10
 
 
 def resolve_paths(cfg: PretrainConfig) -> None:
@@ -125,37 +146,95 @@ def validate(cfg: PretrainConfig) -> None:
     def fail(key, why):
         raise ConfigError(f"config key '{key}': {why}")
 
+    def finite(key, value):
+        if not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+
+    def at_least(key, value, low):
+        if value < low:
+            fail(key, f"must be at least {low}, got {value}")
+
     if cfg.stage not in (1, 2):
         fail("stage", "must be 1 or 2")
     if cfg.stage == 2 and not cfg.init_from:
         fail("init_from", "stage 2 starts from a stage-1 checkpoint: set init_from=DIR")
-    if cfg.train.precision not in ("fp32", "bf16"):
-        fail("train.precision", f"'{cfg.train.precision}' is not one of fp32, bf16 (fp16 is refused on CPU)")
-    if cfg.train.decay not in ("cosine", "linear", "constant"):
-        fail("train.decay", f"'{cfg.train.decay}' is not one of cosine, linear, constant")
-    if cfg.train.max_steps < 1 or cfg.train.grad_accum < 1:
-        fail("train.max_steps", "steps and grad_accum must be positive")
+    t = cfg.train
+    if t.precision not in ("fp32", "bf16"):
+        fail("train.precision", f"'{t.precision}' is not one of fp32, bf16 (fp16 is refused on CPU)")
+    if t.decay not in ("cosine", "linear", "constant"):
+        fail("train.decay", f"'{t.decay}' is not one of cosine, linear, constant")
+    for key in ("max_steps", "grad_accum", "log_every", "save_every", "max_nonfinite_steps"):
+        at_least(f"train.{key}", getattr(t, key), 1)
+    if t.stop_after is not None:
+        at_least("train.stop_after", t.stop_after, 1)
+    at_least("train.seed", t.seed, 0)
+    warmup = warmup_steps(t)
+    at_least("train.warmup_steps", warmup, 0)
+    if warmup > t.max_steps:
+        fail("train.warmup_steps", f"{warmup} is more than train.max_steps ({t.max_steps}): the learning rate would "
+                                   "never reach train.lr (unset, it is a tenth of max_steps)")
+    for key in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+        finite(f"train.{key}", getattr(t, key))
+    if t.lr <= 0:
+        fail("train.lr", f"must be positive, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        fail("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    for key in ("weight_decay", "grad_clip"):
+        at_least(f"train.{key}", getattr(t, key), 0)
     from flexmol.objectives import validate_objective
 
     try:
         validate_objective(cfg.objective)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    for f in dataclasses.fields(cfg.objective):
+        value = getattr(cfg.objective, f.name)
+        if isinstance(value, float):
+            finite(f"objective.{f.name}", value)
+            at_least(f"objective.{f.name}", value, 0)
+    d = cfg.data
+    at_least("data.max_atoms", d.max_atoms, 1)
+    at_least("data.num_workers", d.num_workers, 0)
+    at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
+    from flexmol.data.integrity import ON_BAD_RECORD
+
+    if d.on_bad_record not in ON_BAD_RECORD:
+        fail("data.on_bad_record", f"'{d.on_bad_record}' is not one of {', '.join(ON_BAD_RECORD)}")
     v = cfg.validation
     for key in ("every", "holdout_shards", "max_molecules", "alignment_count"):
         if getattr(v, key) < 0:
             fail(f"validation.{key}", f"must be 0 or more, got {getattr(v, key)}")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        fail("wandb.mode", f"'{cfg.wandb.mode}' is not one of offline, online, disabled")
+    if not cfg.output_dir.strip():
+        fail("output_dir", "is empty (the run's directory: checkpoints, export, metrics.jsonl)")
+    if cfg.init_from is not None and not str(cfg.init_from).strip():
+        fail("init_from", "is empty (a stage-1 output_dir, its export/ or checkpoints/, or null)")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).exists():
         fail("resume", f"{cfg.resume} does not exist (none, auto or a checkpoint path)")
-    if not (cfg.data.paired or cfg.data.single_2d or cfg.data.single_3d):
+    if not (d.paired or d.single_2d or d.single_3d):
         fail("data.paired", "no dataset given (data.paired, data.single_2d, data.single_3d)")
+    for key in ("paired", "single_2d", "single_3d"):
+        for section, dirs in (("data", getattr(d, key)), ("validation", getattr(v, key))):
+            if any(not str(x).strip() for x in dirs):
+                fail(f"{section}.{key}", "holds an empty path")
     from flexmol.data.streams import MixingSchedule, MixPoint
 
-    available = [k for k in ("paired", "single_2d", "single_3d") if getattr(cfg.data, k)]
+    available = [k for k in ("paired", "single_2d", "single_3d") if getattr(d, k)]
+    for i, p in enumerate(d.mix):
+        for name, w in p.weights.items():
+            if not math.isfinite(w):
+                fail("data.mix", f"point {i} (step {p.step}): weight of {name} is {w}, not a finite number")
     try:
-        MixingSchedule([MixPoint(p.step, dict(p.weights)) for p in cfg.data.mix], available)
+        MixingSchedule([MixPoint(p.step, dict(p.weights)) for p in d.mix], available)
     except ValueError as exc:
         fail("data.mix", str(exc))
+    try:
+        ds = json.loads(Path(cfg.deepspeed).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail("deepspeed", f"{cfg.deepspeed} is not a readable JSON file ({str(exc).splitlines()[0]})")
+    if not isinstance(ds, dict):
+        fail("deepspeed", f"{cfg.deepspeed} does not hold a JSON object")
     from flexmol.model.summary import model_config
 
     model_config(cfg.model.size)

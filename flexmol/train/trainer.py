@@ -3,15 +3,17 @@
 Stateful in one place: a checkpoint holds DeepSpeed's model, optimizer and scheduler states plus
 the trainer's client state (step and every stream's position). Per-step randomness (atom masking,
 coordinate noise) comes from a generator seeded by (seed, step, rank), so no RNG state needs saving
-and a resumed run draws exactly what the uninterrupted one would have.
+and a resumed run draws exactly what the uninterrupted one would have. ``metrics.jsonl`` holds each
+step once: a resumed run first drops the records of the steps after its checkpoint (it redoes them).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import pickle
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -19,16 +21,20 @@ import torch
 
 from flexmol.config import ConfigError
 from flexmol.data.collate import move
-from flexmol.data.shards import load_manifest
-from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, dataset_urls, fixed_batches, heldout_records
+from flexmol.data.integrity import DataError, dataset_shards, verify_checksums
+from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, fixed_batches, heldout_records
 from flexmol.model import FlexMol
 from flexmol.model.summary import model_config
 from flexmol.objectives import pretraining_losses
-from flexmol.train.config import PretrainConfig
+from flexmol.train.config import PretrainConfig, warmup_steps
 from flexmol.train.schedule import lr_factor
 
 SOURCE_NAMES = ("paired", "single_2d", "single_3d")
 MODALITY = {"paired": "paired", "single_2d": "2d", "single_3d": "3d"}
+
+
+class DivergedError(RuntimeError):
+    """The losses stopped being finite numbers; the message (one line) names the step and losses."""
 
 
 def _weights_only_engine(engine):
@@ -63,42 +69,40 @@ def _as_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def _checked_urls(dirs, key: str, modality: str) -> list[str]:
+def _checked_urls(dirs, key: str, modality: str, shards: list | None = None) -> list[str]:
     """The shards of the datasets ``dirs`` given as config key ``key``, refusing at start-up what
-    would fail later."""
+    would fail later (:func:`flexmol.data.integrity.dataset_shards`: every shard the manifest lists
+    present with its recorded size). The checked shards are appended to ``shards``."""
     urls = []
     for d in dirs:
-        if not (Path(d) / "manifest.json").exists():
-            raise ConfigError(f"config key '{key}': {d} is not a finished dataset (no manifest.json)")
-        held = load_manifest(Path(d)).get("modality")
-        if held != modality:
-            raise ConfigError(f"config key '{key}': {d} holds {held} data; this slot takes {modality} datasets")
-        got = dataset_urls([d])
-        if not got:
-            raise ConfigError(f"config key '{key}': {d} holds no molecules")
-        urls += got
+        got = dataset_shards(d, key, modality)
+        if shards is not None:
+            shards.extend(got)
+        urls += [s["url"] for s in got if s["samples"] > 0]
     return urls
 
 
-def split_sources(cfg: PretrainConfig) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+def split_sources(cfg: PretrainConfig, shards: list | None = None
+                  ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
     """Training and held-out shards per source, and notes on what was decided. A source with
     held-out directories in ``validation.<source>`` trains on all its shards; otherwise each of its
-    datasets holds out its last ``validation.holdout_shards`` shards when it has more than that."""
+    datasets holds out its last ``validation.holdout_shards`` shards when it has more than that.
+    Every dataset's shards are checked (and appended to ``shards``, for the checksums)."""
     train, valid, notes = {}, {}, []
     v = cfg.validation
     for key in SOURCE_NAMES:
         data_dirs, valid_dirs = getattr(cfg.data, key), getattr(v, key)
-        if not data_dirs:
-            continue
         both = {str(Path(d).resolve()) for d in valid_dirs} & {str(Path(d).resolve()) for d in data_dirs}
         if both:
             raise ConfigError(f"config key 'validation.{key}': {sorted(both)} also in data.{key}; held-out data "
                               "must not be trained on")
         if valid_dirs:
-            valid[key] = _checked_urls(valid_dirs, f"validation.{key}", MODALITY[key])
+            valid[key] = _checked_urls(valid_dirs, f"validation.{key}", MODALITY[key], shards)
+        if not data_dirs:
+            continue
         train[key] = []
         for d in data_dirs:
-            got = _checked_urls([d], f"data.{key}", MODALITY[key])
+            got = _checked_urls([d], f"data.{key}", MODALITY[key], shards)
             if not valid_dirs and v.holdout_shards and len(got) > v.holdout_shards:
                 got, out = got[:-v.holdout_shards], got[-v.holdout_shards:]
                 valid.setdefault(key, []).extend(out)
@@ -108,6 +112,48 @@ def split_sources(cfg: PretrainConfig) -> tuple[dict[str, list[str]], dict[str, 
                              f"{v.holdout_shards}; set validation.{key}=[DIR] for a held-out dataset)")
             train[key] += got
     return train, valid, notes
+
+
+def check_output_dir(path: Path) -> None:
+    """``output_dir`` is (or can be made) a writable directory; a :class:`ConfigError` naming the
+    key and the path otherwise. Creates it."""
+    def fail(why):
+        raise ConfigError(f"config key 'output_dir': {path} {why}")
+
+    if path.exists() and not path.is_dir():
+        fail("is a file, not a directory")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                fail(f"cannot be created: {parent} is a file")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        fail(f"is not writable ({exc.strerror or exc})")
+
+
+def _checksum_gather(world: int):
+    """Every rank's list of findings, for :func:`flexmol.data.integrity.verify_checksums`."""
+    def gather(items):
+        if torch.cuda.is_available():  # the NCCL object collective runs on this rank's device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        out = [None] * world
+        torch.distributed.all_gather_object(out, items)
+        return out
+
+    return gather
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("zero_pp_rank_*")))
 
 
 def _single_process_env() -> None:
@@ -134,7 +180,15 @@ class Pretrainer:
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        sources, self.valid_urls, notes = split_sources(cfg)
+        shards: list[dict] = []
+        sources, self.valid_urls, notes = split_sources(cfg, shards)
+        if cfg.data.verify_checksums:
+            started = time.perf_counter()
+            verify_checksums(shards, self.rank, self.world, _checksum_gather(self.world))
+            if self.rank == 0:
+                print(f"[pretrain] sha256 of {len(shards)} shard(s), {sum(s['bytes'] for s in shards) / 1e6:.1f} MB: "
+                      f"as in their manifests ({time.perf_counter() - started:.1f} s)", flush=True)
+        check_output_dir(self.out)
         if self.rank == 0:
             for note in notes:
                 print(f"[pretrain] {note}", flush=True)
@@ -148,7 +202,11 @@ class Pretrainer:
         target = self._resume_target()
         if cfg.init_from and target is None:
             state, self.init_source = initial_weights(Path(cfg.init_from), model)
-            model.load_state_dict(state, strict=True)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError:
+                raise ConfigError(f"config key 'init_from': {self.init_source} holds the weights of another model "
+                                  f"(not model.size '{cfg.model.size}')") from None
         # Stage 2: the feature learners are frozen teachers. Outside the optimizer (AdamW's weight
         # decay and momentum would move them even with zero gradients) and without gradients, set
         # once before DeepSpeed sees the model.
@@ -158,8 +216,9 @@ class Pretrainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         t = cfg.train
+        warmup = warmup_steps(t)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.decay, t.min_lr_ratio))
+            optimizer, lambda s: lr_factor(s, warmup, t.max_steps, t.decay, t.min_lr_ratio))
         ds_config = json.loads(Path(cfg.deepspeed).read_text())
         ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=t.grad_accum,
                          train_batch_size=t.grad_accum * self.world, gradient_clipping=t.grad_clip)
@@ -174,34 +233,83 @@ class Pretrainer:
         self.step = 0
         taken = {k: 0 for k in sources}
         client = None
+        self.resumed = target is not None
         if target is not None:
-            _, client = self.engine.load_checkpoint(str(target[0]), tag=target[1])
+            client = self._load_checkpoint(*target)
         elif cfg.init_from and self.rank == 0:
             print(f"[pretrain] weights from {self.init_source}", flush=True)
         self._wandb_run = None
         self.seen = {k: 0 for k in sources}  # molecules seen per source, all ranks
+        self.skipped = {k: 0 for k in sources}  # bad records skipped per source, all ranks
         if client:
             self.step = client["step"]
+            if self.step > t.max_steps:
+                raise ConfigError(f"config key 'train.max_steps': {t.max_steps} is before step {self.step}, where the "
+                                  f"resumed checkpoint {target[0] / target[1]} stands")
             taken.update(client["stream"]["taken"])
             self.seen.update(client.get("seen", {}))
+            self.skipped.update(client.get("skipped", {}))
         d = cfg.data
+        log = lambda m: print(f"[pretrain] rank {self.rank}: {m}", file=sys.stderr, flush=True)
         self.stream = MixedStream(
             {k: SourceStream(k, urls, max_atoms=d.max_atoms, seed=t.seed, shuffle_buffer=d.shuffle_buffer,
                              num_workers=d.num_workers, taken=taken[k], max_spd=self.engine.module.cfg.max_spd,
-                             max_path=self.engine.module.cfg.max_path)
+                             max_path=self.engine.module.cfg.max_path, on_bad_record=d.on_bad_record, log=log)
              for k, urls in sources.items()},
             self.schedule, t.seed, step=self.step * t.grad_accum, grad_accum=t.grad_accum)
         self._valid_batches: dict[str, list[dict]] | None = None
         self._stop = False
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _resume_target(self) -> tuple[Path, str | None] | None:
-        """The checkpoint this run continues from: (directory, tag or None for its latest)."""
-        if self.cfg.resume == "none":
+    def _resume_target(self) -> tuple[Path, str] | None:
+        """The checkpoint this run continues from: (checkpoints directory, tag). ``resume`` is
+        ``auto`` (the latest in output_dir, if any), a checkpoint directory, a checkpoints
+        directory (its latest) or a run's output_dir (its latest)."""
+        resume = self.cfg.resume
+        if resume == "none":
             return None
-        if self.cfg.resume == "auto":
-            return (self.ckpt_dir, None) if (self.ckpt_dir / "latest").exists() else None
-        return Path(self.cfg.resume).parent, Path(self.cfg.resume).name
+
+        def fail(why):
+            raise ConfigError(f"config key 'resume': {why}")
+
+        if resume == "auto":
+            if not (self.ckpt_dir / "latest").exists():
+                return None
+            ckpt, how = self.ckpt_dir, "auto"
+        else:
+            path = Path(resume)
+            if _is_checkpoint(path):
+                return path.parent, path.name
+            ckpt = next((c for c in (path, path / "checkpoints") if (c / "latest").is_file()), None)
+            if ckpt is None:
+                fail(f"{path} is not a checkpoint (a checkpoint directory of model states, a checkpoints "
+                     "directory or an output_dir with a 'latest' file; or none, auto)")
+            how = str(path)
+        try:
+            tag = (ckpt / "latest").read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"{how}: cannot read {ckpt / 'latest'} ({_first_line(exc)})")
+        if not tag or "/" in tag or not _is_checkpoint(ckpt / tag):
+            fail(f"{how}: {ckpt / 'latest'} names '{tag}', which is not a checkpoint in {ckpt}; point resume at "
+                 "one of its checkpoints, or resume=none to start afresh")
+        return ckpt, tag
+
+    def _load_checkpoint(self, directory: Path, tag: str) -> dict:
+        """DeepSpeed's states and the trainer's client state of checkpoint ``directory/tag``; a
+        :class:`ConfigError` naming ``resume`` when it does not load."""
+        where = directory / tag
+        try:
+            path, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        except Exception as exc:  # noqa: BLE001 -- whatever the files hold: one line, not a traceback
+            why = _first_line(exc)
+            if "state_dict" in why:
+                why = f"it holds another model's weights (not model.size '{self.cfg.model.size}')"
+            raise ConfigError(f"config key 'resume': checkpoint {where} does not load: {why}") from None
+        if path is None or not isinstance(client, dict) or not isinstance(client.get("step"), int) \
+                or not isinstance(client.get("stream", {}).get("taken"), dict):
+            raise ConfigError(f"config key 'resume': {where} is not a checkpoint of this trainer (no model states "
+                              "or no step and stream state)")
+        return client
 
     def export(self, directory: Path | None = None) -> Path:
         """The model as safetensors + its YAML config (rank 0 writes; every rank must call)."""
@@ -219,7 +327,13 @@ class Pretrainer:
     def save(self) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step:08d}",
                                     client_state={"step": self.step, "stream": self.stream.state_dict(),
-                                                  "seen": dict(self.seen)})
+                                                  "seen": dict(self.seen), "skipped": dict(self.skipped)})
+
+    def _saved_step(self) -> str:
+        try:
+            return "the checkpoint " + (self.ckpt_dir / "latest").read_text().strip()
+        except OSError:
+            return "the start (no checkpoint)"
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> list[dict]:
@@ -235,11 +349,17 @@ class Pretrainer:
             if self.rank == 0:
                 print(f"[pretrain] {self.out}: finished before (step {self.step}); nothing to do", flush=True)
             return []
+        if self.step >= last and self.step < t.max_steps:
+            if self.rank == 0:
+                print(f"[pretrain] train.stop_after={stop_after}: the run stands at step {self.step} already; "
+                      "nothing to do", flush=True)
+            return []
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = None
         self._wandb_run = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics(closing=self.step >= t.max_steps)
             from tqdm import tqdm
 
             bar = tqdm(total=last, initial=self.step, unit="step", desc=f"stage {self.cfg.stage}", mininterval=1.0)
@@ -247,16 +367,22 @@ class Pretrainer:
         train_feature_learners = self.cfg.stage == 1
         history = []
         stopped = False  # agreed by every rank (the signal handler's flag is this rank's only)
+        nonfinite = 0  # optimizer steps in a row with a loss that is not finite
         try:
             while self.step < last:
                 started = time.perf_counter()
                 wait = 0.0
                 sums: dict[str, torch.Tensor] = {}
                 computed: dict[str, int] = {}
-                counts = torch.zeros(len(SOURCE_NAMES) + 2, dtype=torch.float64)  # molecules per source, atoms, stop
+                # molecules per source, skipped records per source, atoms, stop
+                counts = torch.zeros(2 * len(SOURCE_NAMES) + 2, dtype=torch.float64)
+                skipped_before = {k: s.skipped for k, s in self.stream.sources.items()}
                 for micro in range(t.grad_accum):
                     w0 = time.perf_counter()
-                    _, source, batch = next(self.stream)
+                    try:
+                        _, source, batch = next(self.stream)
+                    except DataError as exc:
+                        raise DataError(f"{exc} (stopped in step {self.step + 1})") from None
                     wait += time.perf_counter() - w0
                     counts[SOURCE_NAMES.index(source)] += batch["mask"].shape[0]
                     counts[-2] += int(batch["num_atoms"].sum())  # still on the host: no device sync
@@ -271,6 +397,8 @@ class Pretrainer:
                     for k, v in losses.items():  # averaged over the micro-batches that have it
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
                         computed[k] = computed.get(k, 0) + 1
+                for k, s in self.stream.sources.items():
+                    counts[len(SOURCE_NAMES) + SOURCE_NAMES.index(k)] = s.skipped - skipped_before[k]
                 counts[-1] = float(self._stop)
                 mean_losses, counts = self._reduce({k: v / computed[k] for k, v in sums.items()}, counts)
                 self.step += 1
@@ -278,19 +406,36 @@ class Pretrainer:
                 molecules = {k: int(counts[i]) for i, k in enumerate(SOURCE_NAMES) if counts[i] > 0}
                 for k, n in molecules.items():
                     self.seen[k] += n
+                for i, k in enumerate(SOURCE_NAMES):
+                    if k in self.skipped:
+                        self.skipped[k] += int(counts[len(SOURCE_NAMES) + i])
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"split": "train", "step": self.step, "molecules": molecules,
                           **{f"loss/{k}": v for k, v in mean_losses.items()}, "atoms": int(counts[-2]),
-                          "seen": dict(self.seen), "lr": self.engine.get_lr()[0], "seconds": elapsed,
+                          "seen": dict(self.seen), "skipped_records": {k: n for k, n in self.skipped.items() if n},
+                          "lr": self.engine.get_lr()[0], "seconds": elapsed,
                           "loader_wait_share": wait / elapsed,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "molecules_per_s": sum(molecules.values()) / elapsed, "atoms_per_s": counts[-2].item() / elapsed}
                 history.append(record)
+                diverged = sorted((f"loss/{k}" for k, v in mean_losses.items() if not math.isfinite(v)),
+                                  key=lambda k: k != "loss/total")
                 if self.rank == 0:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss/total']:.3f}", mol_s=f"{record['molecules_per_s']:.0f}")
-                    if self.step % t.log_every == 0 or self.step == last or counts[-1] > 0:
+                    if self.step % t.log_every == 0 or self.step == last or counts[-1] > 0 or diverged:
                         self._log(record)
+                # the same on every rank (reduced losses): all go on, or all stop without saving
+                nonfinite = nonfinite + 1 if diverged else 0
+                if diverged and self.rank == 0:
+                    print(f"\n[pretrain] step {self.step}: {diverged[0]} is not finite ({nonfinite} step(s) in a row; "
+                          f"train.max_nonfinite_steps={t.max_nonfinite_steps})", file=sys.stderr, flush=True)
+                if nonfinite >= t.max_nonfinite_steps:
+                    raise DivergedError(
+                        f"steps {self.step - nonfinite + 1}-{self.step}: {diverged[0]} not finite "
+                        f"{nonfinite} step(s) in a row (train.max_nonfinite_steps): the run diverged (train.lr "
+                        f"{t.lr:g}; a lower train.lr or a longer train.warmup_steps may help); nothing saved after "
+                        f"{self._saved_step()}")
                 if counts[-1] > 0:  # a rank was asked to stop: all ranks checkpoint this step and exit
                     stopped = True
                     if self.rank == 0:
@@ -299,10 +444,13 @@ class Pretrainer:
                 v = self.cfg.validation
                 if v.every and self.step % v.every == 0 and self.step < t.max_steps:
                     self.validate()
-                if self.step % t.save_every == 0 and self.step < last:
+                if self.step % t.save_every == 0 and self.step < last and not nonfinite:
                     self.save()
             if history or stopped:
                 self.save()
+            if self.rank == 0 and any(self.skipped.values()):
+                print(f"[pretrain] data.on_bad_record=skip: bad records skipped so far (all ranks): "
+                      + ", ".join(f"data.{k} {n}" for k, n in self.skipped.items() if n), file=sys.stderr, flush=True)
             if not stopped and self.step >= t.max_steps:  # (again, if a run was stopped while closing)
                 export = self.export()
                 self.validate()
@@ -329,6 +477,40 @@ class Pretrainer:
         losses = {k: float(v) / self.world for k, v in zip(keys, values[:len(keys)].tolist())}
         return losses, values[len(keys):]
 
+    def _trim_metrics(self, closing: bool) -> None:
+        """Before appending: ``metrics.jsonl`` keeps the records of the steps up to this run's
+        starting point, so that a step redone after a resume appears once. A resumed run drops the
+        records after its checkpoint's step (and, when it resumes to close, the closing records of
+        that step); a run starting afresh sets an earlier run's file aside (renamed, not deleted)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        if not self.resumed:
+            if path.stat().st_size:
+                aside = path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                os.replace(path, aside)
+                print(f"[pretrain] {path} holds an earlier run's records (this one starts at step 0): moved to "
+                      f"{aside.name}", flush=True)
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill while it was written
+                dropped += bool(line.strip())
+                continue
+            if step > self.step or (closing and step == self.step and record.get("split") != "train"):
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            print(f"[pretrain] resuming at step {self.step}: {dropped} record(s) of later steps dropped from "
+                  f"{path.name} (they are redone)", flush=True)
+
     def _log(self, record: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -346,10 +528,15 @@ class Pretrainer:
         cfg, model = self.cfg, self.engine.module
         if self._valid_batches is None:
             v = cfg.validation
+            notes: list[str] = []
             self._valid_batches = {
                 k: fixed_batches(urls, max_atoms=cfg.data.max_atoms, max_molecules=v.max_molecules,
-                                 max_spd=model.cfg.max_spd, max_path=model.cfg.max_path)
+                                 max_spd=model.cfg.max_spd, max_path=model.cfg.max_path,
+                                 on_bad_record=cfg.data.on_bad_record, notes=notes)
                 for k, urls in self.valid_urls.items()}
+            if notes and self.rank == 0:
+                print(f"[pretrain] validation skips {len(notes)} bad held-out record(s); first: {notes[0]}",
+                      file=sys.stderr, flush=True)
         record: dict = {"split": "valid", "step": self.step}
         # Each rank's held-out batches on their own: the validation figures do not depend on the
         # world size (and weight-0 repeats do not enter other ranks' negatives).
@@ -404,7 +591,7 @@ class Pretrainer:
         from flexmol import load_pretrained
         from flexmol.evaluate.alignment import flat_metrics, format_report, records_report
 
-        records = heldout_records(urls, count)
+        records = heldout_records(urls, count, on_bad_record=self.cfg.data.on_bad_record)
         if len(records) < 2:
             return None
         model = load_pretrained(export).to(self.device)
@@ -435,15 +622,31 @@ def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor]
     them: the run's export (``model.safetensors`` in ``path`` or ``path/export``), else the module
     weights of its latest checkpoint (written whole by ZeRO 1 and 2). Model only: optimizer,
     schedule and streams start afresh."""
+    if not path.is_dir():
+        raise ConfigError(f"config key 'init_from': {path} {'is not a directory' if path.exists() else 'does not exist'}"
+                          " (a stage-1 output_dir, its export/ or checkpoints/)")
     export = find_export(path)
     if export is not None:
         from safetensors.torch import load_file
 
-        return load_file(export), export
+        from flexmol.model.export import verify_export
+
+        try:
+            verify_export(export.parent)  # the bytes the run wrote (checksums.json), before trusting them
+            return load_file(export), export
+        except Exception as exc:  # noqa: BLE001 -- whatever the file holds: one line, not a traceback
+            raise ConfigError(f"config key 'init_from': {export} is not a readable safetensors file "
+                              f"({_first_line(exc)})") from None
     ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not (ckpt / "latest").is_file():
         raise ConfigError(f"config key 'init_from': {path} holds no model.safetensors and no checkpoint (no latest)")
-    tag = (ckpt / "latest").read_text().strip()
+    try:
+        tag = (ckpt / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config key 'init_from': cannot read {ckpt / 'latest'} ({_first_line(exc)})") from None
+    if not tag or "/" in tag or not (ckpt / tag).is_dir():
+        raise ConfigError(f"config key 'init_from': {ckpt / 'latest'} names '{tag}', which is not a checkpoint "
+                          f"in {ckpt}")
     file = ckpt / tag / "mp_rank_00_model_states.pt"
     if not file.is_file() and any((ckpt / tag).glob("zero_pp_rank_*_model_states.pt")):
         raise ConfigError(f"config key 'init_from': {ckpt / tag} is a ZeRO-3 checkpoint (weights partitioned over "
@@ -451,8 +654,10 @@ def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor]
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
             saved = torch.load(file, map_location="cpu", weights_only=True)["module"]
-    except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
-        raise ConfigError(f"config key 'init_from': cannot read {file} ({exc})") from None
+        if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+            raise TypeError("no module weights in it")
+    except Exception as exc:  # noqa: BLE001 -- whatever the file holds: one line, not a traceback
+        raise ConfigError(f"config key 'init_from': cannot read {file} ({_first_line(exc)})") from None
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     if any(k not in saved or saved[k].shape != shape for k, shape in shapes.items()):
         raise ConfigError(f"config key 'init_from': {file} does not hold this model's weights whole (a ZeRO-3 "
