@@ -259,6 +259,10 @@ def build(schema: type, *sources: Any, overrides: Optional[List[str]] = None) ->
         msg = str(exc).splitlines()[0]
         if "is not a ListConfig" in msg:
             msg = f"expects a list, e.g. {key or 'key'}=[a,b]"
+        if len(key) > 60:  # a whole file read as one key (not a config file): name it, do not print it
+            short = f"{key[:40]}...".replace("\n", " ")
+            raise ConfigError(f"config key '{short}' ({len(key)} characters) is not a config key: "
+                              "not a config file?") from None
         raise ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}") from None
 
 

@@ -133,3 +133,11 @@ def test_every_argument_of_every_command_is_described_with_its_default():
 def test_pretrain_help_shows_key_value_overrides():
     help_text = dict(_subparsers(build_parser()))[("pretrain",)].format_help()
     assert "key=value" in help_text.splitlines()[0] and "train.max_steps=100" in help_text
+
+
+def test_a_text_file_that_is_not_a_config_is_named_not_printed(tmp_path, capsys):
+    notes = tmp_path / "accounts.txt"  # colon-separated lines: YAML reads the whole file as one key
+    notes.write_text("".join(f"user{i}:x:{i}:{i}:/home/user{i}:/bin/sh\n" for i in range(40)))
+    assert cli(["model", "summary", "--model", str(notes)]) == 2
+    err = _one_line_error(capsys, str(notes), "not a config file")
+    assert len(err) < 300 and "user39" not in err
