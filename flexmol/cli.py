@@ -14,8 +14,10 @@ from flexmol.config import ConfigError
 def _featurize_parser(sub) -> None:
     p = _sub(sub, "featurize", "build a dataset of WebDataset shards from a source",
                        "Featurise SOURCE (a .smi/.csv/.tsv/.sdf/.xyz file, or moses, qm9, b3db, "
-                                   "moleculenet:NAME) into a dataset directory. Exit 0 when the job finishes, "
-                                   "whatever it rejected; rejected inputs are in DIR/rejects.jsonl.")
+                                   "moleculenet:NAME) into a dataset directory. Exit 0 when the job finishes and its dataset passes "
+                                   "the check of `flexmol shards inspect`, whatever it rejected (rejected inputs are in "
+                                   "DIR/rejects.jsonl, each with its reason); exit 2 with one line for a source, option or "
+                                   "output that cannot be used, or a dataset that fails its check.")
     add_featurize_arguments(p)
 
 
@@ -160,23 +162,40 @@ def _output_file(path: str, flag: str) -> Path:
     out = Path(path)
     if out.is_dir():
         raise ConfigError(f"{flag} {out}: is a directory (give a file name)")
-    _output_dir(str(out.parent), flag, what=f"folder of {out.name}")
+    _writable(out.parent, f"{flag} {out}")
     return out
 
 
-def _output_dir(path: str, flag: str, what: str = "") -> Path:
-    """A directory the command may write into: it, or its nearest existing ancestor, is a
-    writable directory (created when the command writes)."""
+def _output_dir(path: str, flag: str) -> Path:
+    """A directory the command may write into (created when the command writes)."""
     out = Path(path)
-    what = what or "directory"
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{flag} {out}: the {what} exists and is not a directory")
-    near = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not near.is_dir():
-        raise ConfigError(f"{flag} {out}: {near} is not a directory")
-    if not os.access(near, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {out}: {near} is not writable")
+        raise ConfigError(f"{flag} {out}: exists and is not a directory")
+    _writable(out, f"{flag} {out}")
     return out
+
+
+def _writable(directory: Path, named: str) -> None:
+    """``directory``, or its nearest existing ancestor, is a directory this process can write in."""
+    near = next(p for p in (directory.absolute(), *directory.absolute().parents) if p.exists())
+    if not near.is_dir():
+        raise ConfigError(f"{named}: {near} is not a directory")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise ConfigError(f"{named}: cannot write in {near}")
+
+
+def _readable_dataset(directory: str, flag: str) -> None:
+    """A dataset directory whose shards are all there and intact (sizes and checksums, as
+    ``flexmol shards inspect --no-decode`` checks), or one line saying what is wrong."""
+    from flexmol.data.shards import MANIFEST, inspect
+
+    d = Path(directory)
+    if not (d / MANIFEST).is_file():
+        raise ConfigError(f"{flag} {d}: not a dataset directory (no {MANIFEST})")
+    report = inspect(d, decode=False)
+    if not report.ok:
+        raise ConfigError(f"{flag} {d}: damaged dataset ({report.problems[0]}; `flexmol shards inspect {d}` "
+                          "lists every problem)")
 
 
 def _confgen_inputs(args) -> list:
@@ -228,7 +247,7 @@ def cmd_confgen(args: argparse.Namespace) -> int:
         for raw, mol, why in generate(inputs, cfg, model):
             if mol is None:
                 failed += 1
-                print(f"flexmol confgen: {raw.id} ({raw.text[:80]!r}) rejected: {why}", file=sys.stderr)
+                print(f"flexmol confgen: {raw.id!r} ({raw.text[:80]!r}) rejected: {why}", file=sys.stderr)
                 continue
             mol_h = Chem.AddHs(mol, addCoords=True)
             mol_h.SetProp("_Name", raw.id)
@@ -256,8 +275,7 @@ def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
             if value < least:
                 raise ConfigError(f"{flag} must be at least {least} (got {value})")
         for d in args.exclude_shards:
-            if not (Path(d) / "manifest.json").is_file():
-                raise ConfigError(f"--exclude-shards {d}: not a dataset directory (no manifest.json)")
+            _readable_dataset(d, "--exclude-shards")
         out = _output_dir(args.out, "--out")
         model = _load_model(args.checkpoint)
         res = evaluate_qm9(cfg, model, count=args.count, start=args.start, stride=args.stride,
@@ -299,7 +317,9 @@ def cmd_evaluate_alignment(args: argparse.Namespace) -> int:
             raise AlignmentError(f"--count must be at least 2 (got {args.count}): retrieval needs other "
                                  "molecules to rank against")
         check_datasets(args.data)
-    except AlignmentError as exc:
+        if args.out:
+            _output_file(args.out, "--out")
+    except (AlignmentError, ConfigError) as exc:
         return fail(exc)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -441,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(args: argparse.Namespace) -> str:
+    """``flexmol VERB [SUBVERB]``, as the user typed it."""
+    sub = next((getattr(args, k) for k in ("shards_command", "model_command", "evaluate_command")
+                if getattr(args, k, None)), None)
+    return " ".join(["flexmol", args.command] + ([sub] if sub else []))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     # key=value overrides may stand anywhere after the verb; argparse leaves them unparsed.
@@ -454,11 +481,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_featurize(args)
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"flexmol {args.command}: interrupted", file=sys.stderr)
+        print(f"{_command(args)}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # the environment's refusal (permissions, a full disk): one line naming the file
         why = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-        print(f"flexmol {args.command}: {why}", file=sys.stderr)
+        print(f"{_command(args)}: {why}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@ naming the flag or file, exit 2; nothing is written for a refused command; every
 described with its default in --help."""
 import argparse
 import gzip
+from pathlib import Path
 
 import pytest
 from rdkit import Chem
@@ -141,3 +142,54 @@ def test_a_text_file_that_is_not_a_config_is_named_not_printed(tmp_path, capsys)
     assert cli(["model", "summary", "--model", str(notes)]) == 2
     err = _one_line_error(capsys, str(notes), "not a config file")
     assert len(err) < 300 and "user39" not in err
+
+
+@pytest.fixture(scope="module")
+def small_paired(tmp_path_factory, nci_smi):
+    """12 NCI molecules featurised as paired data, in 3 shards."""
+    from flexmol import config
+    from flexmol.featurize import run_featurize
+
+    root = tmp_path_factory.mktemp("cli_errors")
+    smi = root / "twelve.smi"
+    smi.write_text("".join(nci_smi.read_text().splitlines(keepends=True)[:12]))
+    out = root / "paired"
+    run_featurize(config.build(config.FeaturizeConfig, {
+        "source": str(smi), "out": str(out), "modality": "paired",
+        "job": {"executor": "serial", "shard_size": 4, "progress": False}}), log=lambda m: None)
+    return out
+
+
+def test_a_damaged_dataset_to_exclude_is_refused_before_any_work(small_paired, tmp_path, capsys):
+    import shutil
+
+    damaged = Path(shutil.copytree(small_paired, tmp_path / "damaged"))
+    shard = sorted(damaged.glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:700])  # cut inside the first record
+    assert cli(["evaluate", "confgen", "--exclude-shards", str(damaged), "--out", str(tmp_path / "ev")]) == 2
+    _one_line_error(capsys, "--exclude-shards", "damaged dataset", shard.name)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_alignment_refuses_an_unusable_out_before_evaluating(small_paired, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    export = save_pretrained(FlexMol(model_config("tiny")), tmp_path / "export")
+    rc = cli(["evaluate", "alignment", "--checkpoint", str(export), "--data", str(small_paired), "--count", "4",
+              "--device", "cpu", "--out", str(tmp_path / "file.txt" / "report.json")])
+    assert rc == 2
+    err = _one_line_error(capsys, "--out", "file.txt")
+    assert err.startswith("flexmol evaluate alignment: ")
+    assert "2D -> 3D" not in capsys.readouterr().out  # refused before the evaluation ran
+
+
+def test_an_environment_refusal_names_the_whole_command(tmp_path, capsys, monkeypatch):
+    import flexmol.data.shards as shards
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "manifest.json"))
+
+    (tmp_path / "manifest.json").write_text("{}")
+    monkeypatch.setattr(shards, "inspect", refuse)
+    assert cli(["shards", "inspect", str(tmp_path)]) == 2
+    err = _one_line_error(capsys, "Permission denied", "manifest.json")
+    assert err.startswith("flexmol shards inspect: ")

@@ -56,7 +56,7 @@ def refused(rc, err):
     assert rc == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("pretrain: "), err[-3000:]
+    assert line.startswith("flexmol pretrain: "), err[-3000:]
     return line
 
 
@@ -325,7 +325,7 @@ def test_a_run_whose_losses_stop_being_finite_stops_with_one_line_and_saves_noth
                        "train.save_every=1", f"output_dir={out}")
     assert rc == 1 and "Traceback" not in err, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("pretrain: steps ") and "loss/total not finite 3 step(s) in a row" in line
+    assert line.startswith("flexmol pretrain: steps ") and "loss/total not finite 3 step(s) in a row" in line
     assert "train.lr" in line and "train.max_nonfinite_steps" in line
     train = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     last = train[-1]["step"]

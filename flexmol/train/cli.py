@@ -35,13 +35,13 @@ def main(argv=None) -> int:
         trainer = Pretrainer(cfg)
         trainer.run()
     except ConfigError as exc:
-        print(f"pretrain: {exc}", file=sys.stderr)
+        print(f"flexmol pretrain: {exc}", file=sys.stderr)
         return 2
     except DataError as exc:  # bad data met while training: one line naming the dataset, shard and record
-        print(f"pretrain: {exc}", file=sys.stderr)
+        print(f"flexmol pretrain: {exc}", file=sys.stderr)
         return 2
     except DivergedError as exc:
-        print(f"pretrain: {exc}", file=sys.stderr)
+        print(f"flexmol pretrain: {exc}", file=sys.stderr)
         return 1
     return 0
 
