@@ -4,8 +4,6 @@ molecule silently changed or lost."""
 import gzip
 import json
 import os
-import re
-import sys
 from pathlib import Path
 
 import msgpack
@@ -64,6 +62,27 @@ def test_whitespace_inside_a_smiles_field_is_rejected_not_truncated(tmp_path, ca
     assert "control character" in by_id["nul"]["reason"]
 
 
+def test_a_smiles_with_a_trailing_cxsmiles_block_is_read_other_whitespace_still_rejected(tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_text("smiles,name\n"
+                   "C[C@H](F)Cl |&1:1|,cx-and\n"          # enhanced stereo: RDKit parses the block
+                   "C[C@@H](O)CC |o1:1|,cx-or\n"
+                   "C[C@@H](N)CC\t|o1:1|,tab\n"
+                   "C[C@H](Br)Cl  |&1:1|,two-spaces\n"     # anything else with whitespace is still cut short
+                   "c1ccccc1 CCCl |&1:1|,two-smiles\n"
+                   "CCCO |&1:1| x,text-after\n"
+                   "CCCN |not cx|,space-in-block\n"
+                   "CCCCO |garbage|,bad-block\n", encoding="utf-8")
+    rc, _, err = featurize(capsys, src, tmp_path / "out", "--modality", "2d", "--id-column", "name")
+    assert rc == 0, err
+    assert sorted(r["id"] for r in written(tmp_path / "out")) == ["cx-and", "cx-or"]
+    by_id = {r["id"]: r for r in rejects(tmp_path / "out")}
+    assert set(by_id) == {"tab", "two-spaces", "two-smiles", "text-after", "space-in-block", "bad-block"}
+    assert all(r["code"] == "invalid_smiles" for r in by_id.values())
+    assert all("whitespace" in r["reason"] for k, r in by_id.items() if k != "bad-block")
+    assert "does not parse" in by_id["bad-block"]["reason"]
+
+
 def test_smi_lines_split_at_space_or_tab_only_other_whitespace_stays_in_the_smiles(tmp_path):
     from flexmol.data.sources import open_source
 
@@ -90,36 +109,10 @@ def _smi_inputs(data: bytes) -> int:
     return sum(1 for i, h in enumerate(heads) if not h.startswith(b"#") and not (i == 0 and h.lower() == b"smiles"))
 
 
-SEPARATORS = (b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")  # U+0085, U+2028, U+2029 in UTF-8
-
-
-def _around_a_separator_in_the_id(blob: bytes):
-    """8 kB of ``blob`` around a line whose id field (after a space or tab) holds one of
-    :data:`SEPARATORS` with text after it; None when no line does."""
-    start = 0
-    for end in re.finditer(rb"\r\n|\r|\n", blob):
-        line = blob[start:end.start()]
-        for sep in SEPARATORS:
-            at = line.find(sep)
-            after = line[at + len(sep):at + len(sep) + 1]
-            if at > 0 and re.search(rb"[^ \t][ \t]", line[:at]) and after.strip():
-                return blob[max(0, start - 4096):end.end() + 4096]
-        start = end.end()
-    return None
-
-
-@pytest.mark.parametrize("kind", ["line_separators", "gzip_bytes", "executable_bytes"])
-def test_files_with_line_separators_or_binary_bytes_give_a_dataset_that_passes_inspect(tmp_path, capsys, nci_smi, kind):
-    if kind == "line_separators":  # in ids and in SMILES: U+2028, U+2029, U+0085, form feed, vertical tab
-        data = ("CCO eth\u2028anol\nCCN amine\u0085x\nC1CC bad\u2029ring\nCC\u2028O in-smiles\n"
-                "c1ccccc1 benzene\x0cff\nCCCl chloro\x0bvt\n").encode()
-    else:  # a compressed file or a program given as .smi
-        blobs = ([gzip.compress(nci_smi.read_bytes(), compresslevel=level, mtime=0) for level in range(1, 10)]
-                 if kind == "gzip_bytes" else
-                 [Path(p).read_bytes() for p in ("/bin/ls", "/bin/bash", os.path.realpath(sys.executable)) if Path(p).is_file()])
-        data = next((d for d in map(_around_a_separator_in_the_id, blobs) if d), None)
-        if data is None:
-            pytest.skip(f"no {kind} at hand with U+0085 or U+2028 inside a line's id field")
+def test_a_file_with_line_separators_inside_its_lines_gives_a_dataset_that_passes_inspect(tmp_path, capsys):
+    # in ids and in SMILES: U+2028, U+2029, U+0085, form feed, vertical tab (all valid UTF-8 text)
+    data = ("CCO eth\u2028anol\nCCN amine\u0085x\nC1CC bad\u2029ring\nCC\u2028O in-smiles\n"
+            "c1ccccc1 benzene\x0cff\nCCCl chloro\x0bvt\n").encode()
     src = tmp_path / "in.smi"
     src.write_bytes(data)
     out = tmp_path / "out"
@@ -129,9 +122,40 @@ def test_files_with_line_separators_or_binary_bytes_give_a_dataset_that_passes_i
     m = json.loads((out / "manifest.json").read_text())
     c = m["counts"]
     assert c["input"] == _smi_inputs(data) == c["written"] + c["rejected"] == len(written(out)) + len(rejects(out))
-    if kind == "line_separators":
-        assert {r["id"] for r in rejects(out)} == {"bad\u2029ring", "in-smiles"}
-        assert sorted(r["id"] for r in written(out)) == sorted(["eth\u2028anol", "amine\u0085x", "benzene\x0cff", "chloro\x0bvt"])
+    assert {r["id"] for r in rejects(out)} == {"bad\u2029ring", "in-smiles"}
+    assert sorted(r["id"] for r in written(out)) == sorted(["eth\u2028anol", "amine\u0085x", "benzene\x0cff", "chloro\x0bvt"])
+
+
+def test_rejects_jsonl_has_one_entry_per_line_however_lines_are_split(tmp_path, capsys):
+    # Rejected inputs whose ids and SMILES hold U+2028 and U+0085, which str.splitlines() breaks at.
+    src = tmp_path / "in.smi"
+    src.write_bytes("C1CC ring\u2028one\nC(( paren\u0085two\nCC\u2028O sep-in-smiles\nCC\u0085N nel-in-smiles\n"
+                    "CCO ok\n".encode())
+    out = tmp_path / "out"
+    rc, _, err = featurize(capsys, src, out, "--modality", "2d")
+    assert rc == 0, err
+    text = (out / "rejects.jsonl").read_text(encoding="utf-8")
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert len(entries) == json.loads((out / "manifest.json").read_text())["counts"]["rejected"] == 4
+    assert {e["id"] for e in entries} == {"ring\u2028one", "paren\u0085two", "sep-in-smiles", "nel-in-smiles"}
+    assert text.isascii()
+
+
+@pytest.mark.parametrize("kind", ["gzip_bytes", "random_bytes", "utf16"])
+def test_a_binary_file_given_as_smi_is_refused_in_one_line_and_no_dataset_is_made(tmp_path, capsys, nci_smi, kind):
+    import random
+
+    data = {"gzip_bytes": lambda: gzip.compress(nci_smi.read_bytes(), mtime=0),  # a compressed file without .gz
+            "random_bytes": lambda: random.Random(0).randbytes(20000),
+            "utf16": lambda: nci_smi.read_text().encode("utf-16")}[kind]()
+    src = tmp_path / "in.smi"
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    rc, _, err = featurize(capsys, src, out, "--modality", "2d")
+    line = one_line_error(err)
+    assert rc == 2 and str(src) in line and "binary data, not a text file" in line, line
+    assert ("gzip without .gz?" in line) == (kind == "gzip_bytes")
+    assert not out.exists()
 
 
 def test_a_dataset_failing_its_end_of_job_check_fails_the_job_in_one_line(tmp_path, capsys, monkeypatch):
@@ -186,9 +210,12 @@ def test_unreadable_sources_are_one_line_errors(tmp_path, capsys, nci_smi):
     not_gzip.write_text("CCO a\n")
     truncated = tmp_path / "cut.smi.gz"
     truncated.write_bytes(gzip.compress(nci_smi.read_bytes())[:3000])
-    for src, why in [(as_dir, "not a regular file"), (not_gzip, "Not a gzipped file"), (truncated, "ended before")]:
+    for src, why in [(as_dir, "not a regular file"), (not_gzip, "Not a gzipped file"),
+                     (truncated, "record(s): the compressed data ends early")]:
         rc, _, err = featurize(capsys, src, tmp_path / f"out-{src.name}", "--modality", "2d")
-        assert rc == 2 and why in one_line_error(err)
+        line = one_line_error(err)
+        assert rc == 2 and why in line and src.name in line, line
+        assert not (tmp_path / f"out-{src.name}").exists()
 
 
 @pytest.mark.parametrize("override, key", [
@@ -327,7 +354,7 @@ GOOD_2D = {"v": 1, "index": 0, "id": "a", "smiles": "CCO", "inchikey": "K", "mod
            "bond_index": np.array([[0, 1], [1, 2]], np.uint16), "bond_feat": np.zeros((2, 3), np.uint8)}
 
 DAMAGES = {
-    "binary manifest": (lambda ds: (ds / "manifest.json").write_bytes(Path(sys.executable).read_bytes()[:300]),
+    "binary manifest": (lambda ds: (ds / "manifest.json").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256))),
                         "manifest.json: unreadable"),
     "manifest a JSON list": (lambda ds: (ds / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
     "shards a number": (lambda ds: _edit_manifest(ds, lambda m: m.update(shards=5, source=[], totals=None)),

@@ -59,6 +59,41 @@ def test_bad_input_file_reconciles_with_a_reason_for_every_rejection(tmp_path):
     assert m["rejects_by_reason"]["invalid_smiles"] == 2
 
 
+def test_a_record_that_breaks_the_schema_is_rejected_with_its_reason_not_written(tmp_path, monkeypatch):
+    from flexmol.data.shards import inspect
+    from flexmol.featurize import task
+
+    breakages = {  # id -> how the featuriser gets the record wrong
+        "short-feat": lambda r: {**r, "atom_feat": r["atom_feat"][:, :5]},
+        "dangling-bond": lambda r: {**r, "bond_index": r["bond_index"] + 50},
+        "string-index": lambda r: {**r, "index": str(r["index"])},
+        "no-z": lambda r: {k: v for k, v in r.items() if k != "z"},
+        "object-labels": lambda r: {**r, "labels": {"y": object()}},  # valid shape, cannot be encoded
+    }
+
+    class Faulty(task.Featurizer):
+        def __call__(self, raw):
+            rec = super().__call__(raw)
+            return breakages.get(raw.id, lambda r: r)(rec)
+
+    monkeypatch.setattr(task, "Featurizer", Faulty)
+    src = tmp_path / "in.smi"
+    src.write_text("CCO ok\nCCN short-feat\nCCC dangling-bond\nCCCl string-index\nCCBr no-z\n"
+                   "CCCC object-labels\nc1ccccc1 also-ok\n")
+    out = tmp_path / "out"
+    m = run_featurize(cfg_for(src, out, modality="2d"), log=lambda s: None)
+    assert m["counts"] == {"input": 7, "written": 2, "rejected": 5}
+    by_id = {r["id"]: r for r in rejects(out)}
+    assert set(by_id) == set(breakages) and {r["code"] for r in by_id.values()} == {"schema"}
+    assert "atom_feat shape" in by_id["short-feat"]["reason"]
+    assert "bond_index refers to an atom" in by_id["dangling-bond"]["reason"]
+    assert "index '3'" in by_id["string-index"]["reason"]
+    assert "lacks z" in by_id["no-z"]["reason"]
+    assert "TypeError" in by_id["object-labels"]["reason"]
+    report = inspect(out)  # every record decoded and validated
+    assert report.ok and report.records_checked == 2, report.problems
+
+
 def test_fragment_policy_reject_rejects_salts_and_mixtures(tmp_path):
     src = tmp_path / "bad.smi"
     src.write_text(BAD_SMILES.format(huge="C"))

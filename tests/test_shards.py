@@ -83,6 +83,22 @@ def dataset(tmp_path, nci_smi):
     return tmp_path / "ds"
 
 
+def test_shard_names_past_a_million_shards_are_names_inspect_accepts(dataset):
+    from flexmol.data.shards import _SHARD_NAME, shard_name
+
+    assert [shard_name(i) for i in (0, 999_999, 1_000_000)] == ["shard-000000.tar", "shard-999999.tar", "shard-1000000.tar"]
+    for i in (0, 42, 999_999, 1_000_000, 123_456_789):
+        assert _SHARD_NAME.fullmatch(shard_name(i)), shard_name(i)
+    assert not any(_SHARD_NAME.fullmatch(n) for n in ("shard-12345.tar", "shard-0000001.tar", "shard-../x.tar"))
+    # a dataset whose last shard is number 1,000,000 passes its check
+    m = json.loads((dataset / "manifest.json").read_text())
+    (dataset / m["shards"][-1]["name"]).rename(dataset / shard_name(1_000_000))
+    m["shards"][-1]["name"] = shard_name(1_000_000)
+    (dataset / "manifest.json").write_text(json.dumps(m))
+    report = inspect(dataset)
+    assert report.ok, report.problems
+
+
 def cli_inspect(path):
     return subprocess.run([sys.executable, "-m", "flexmol.cli", "shards", "inspect", str(path)], capture_output=True, text=True)
 

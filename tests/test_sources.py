@@ -1,5 +1,8 @@
 """Readers of files and named sets, and the sha256-checked wheel cache."""
+import gzip
 import hashlib
+import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -16,6 +19,75 @@ def test_smiles_file_ids_and_header(tmp_path):
     p.write_text("SMILES Name\nCCO ethanol\n\nc1ccccc1\n")
     items = list(open_source(str(p)))
     assert [(r.index, r.id, r.text) for r in items] == [(0, "ethanol", "CCO"), (1, "line3", ""), (2, "line4", "c1ccccc1")]
+
+
+def _truncated_gz(tmp_path, name, text: bytes):
+    p = tmp_path / name
+    p.write_bytes(gzip.compress(text, mtime=0)[:3000])
+    return p
+
+
+@pytest.mark.parametrize("name, header", [("cut.smi.gz", b""), ("cut.csv.gz", b"smiles,id\n")])
+def test_a_truncated_gz_raises_a_source_error_naming_the_file_and_how_far_it_got(tmp_path, nci_smi, name, header):
+    body = nci_smi.read_bytes() if not header else b"".join(
+        b"%s,%s\n" % tuple(line.split(b"\t")[:2]) for line in nci_smi.read_bytes().splitlines())
+    p = _truncated_gz(tmp_path, name, header + body)
+    source = open_source(str(p))
+    seen = 0
+    with pytest.raises(SourceError) as exc:
+        for _ in source:
+            seen += 1
+    assert seen > 0
+    assert str(exc.value).startswith(f"{p}: cannot be read after {seen} record(s): the compressed data ends early")
+
+
+def test_a_gz_name_on_plain_text_is_a_source_error_naming_the_file(tmp_path):
+    p = tmp_path / "plain.smi.gz"
+    p.write_text("CC a\n")
+    with pytest.raises(SourceError, match=f"^{re.escape(str(p))}: Not a gzipped file"):
+        list(open_source(str(p)))
+    q = tmp_path / "plain.csv.gz"  # a CSV's header is read when it is opened
+    q.write_text("smiles\nCC\n")
+    with pytest.raises(SourceError, match=f"^{re.escape(str(q))}: Not a gzipped file"):
+        open_source(str(q))
+
+
+@pytest.mark.parametrize("name", ["a.smi", "a.csv", "a.sdf", "a.xyz", "a.smi.gz"])
+def test_binary_data_under_a_text_name_is_a_source_error(tmp_path, nci_smi, name):
+    p = tmp_path / name
+    data = gzip.compress(nci_smi.read_bytes(), mtime=0)  # gzip without .gz
+    p.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(SourceError, match=r"binary data, not a text file \(gzip without \.gz\?\)") as exc:
+        list(open_source(str(p)))
+    assert str(exc.value).startswith(str(p))
+    p.write_bytes(random.Random(0).randbytes(5000) if not name.endswith(".gz") else gzip.compress(random.Random(0).randbytes(5000)))
+    with pytest.raises(SourceError, match="binary data, not a text file"):
+        list(open_source(str(p)))
+
+
+def test_text_with_odd_characters_is_still_read(tmp_path):
+    # U+2028 and U+0085 are valid UTF-8; a stray Latin-1 byte or NUL is one line's problem, not the file's.
+    p = tmp_path / "odd.smi"
+    p.write_bytes("CCO eth\u2028anol\nCCN amine\u0085x\n".encode() + b"CCC caf\xe9\nCC\x00O nul\n" + b"C c\n" * 100)
+    items = list(open_source(str(p)))
+    assert [(r.id, r.text) for r in items[:4]] == [
+        ("eth\u2028anol", "CCO"), ("amine\u0085x", "CCN"), ("caf\ufffd", "CCC"), ("nul", "CC\x00O")]
+    assert len(items) == 104
+
+
+def test_confgen_refuses_a_truncated_or_mislabelled_gz_in_one_line_naming_it(tmp_path, capsys, nci_smi):
+    from flexmol.cli import main
+
+    cut = _truncated_gz(tmp_path, "cut.smi.gz", nci_smi.read_bytes())
+    plain = tmp_path / "plain.smi.gz"
+    plain.write_text("CC a\n")
+    for p, why in [(cut, "the compressed data ends early"), (plain, "Not a gzipped file")]:
+        out = tmp_path / f"{p.name}.sdf"
+        rc = main(["confgen", "--input", str(p), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert str(p) in err and why in err, err
+        assert not out.exists()
 
 
 def test_csv_needs_a_smiles_column(tmp_path):

@@ -28,6 +28,9 @@ def sanitize_or_reject(mol: Chem.Mol, what: str) -> Chem.Mol:
 
 _WHITESPACE = re.compile(r"\s")  # any Unicode whitespace: space, tab, line breaks, U+2028, U+00A0 ...
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A ChemAxon extension (CXSMILES): one space, then a single |...| block ending the field,
+# e.g. "C[C@H](F)Cl |&1:1|". RDKit parses the block (an invalid one fails the parse).
+_CX_TAIL = re.compile(r" \|[^|\s]*\|\Z")
 
 
 def parse_smiles(smiles: str, cfg: FeaturizerConfig) -> Chem.Mol:
@@ -37,8 +40,10 @@ def parse_smiles(smiles: str, cfg: FeaturizerConfig) -> Chem.Mol:
     # RDKit reads whatever follows a space, tab or newline as the molecule's name and parses only
     # the text before it: "c1ccccc1 CCCl" would silently become benzene. A SMILES holds no
     # whitespace, so any inside the field (a CSV cell with a newline, two SMILES in one column) is
-    # a rejection, never a truncation.
-    blank = _WHITESPACE.search(smiles)
+    # a rejection, never a truncation. The one exception is a trailing CXSMILES block, which RDKit
+    # reads as part of the molecule.
+    cx = _CX_TAIL.search(smiles)
+    blank = _WHITESPACE.search(smiles, 0, cx.start() if cx else len(smiles))
     if blank:
         raise Rejected("invalid_smiles", f"SMILES contains whitespace ({blank.group()!r} at position {blank.start()}): "
                        "RDKit would parse only the text before it", smiles)

@@ -31,7 +31,7 @@ FORMAT = "flexmol-shards"
 
 
 def shard_name(shard_id: int) -> str:
-    return f"shard-{shard_id:06d}.tar"
+    return f"shard-{shard_id:06d}.tar"  # six digits or more
 
 
 def sample_key(index: int) -> str:
@@ -77,8 +77,12 @@ def write_shard(path: Path, records: Iterable[dict]) -> tuple[int, int, str]:
     a function of its records alone (same sha256 on any machine, resumed or not) and has one
     header per member (pax headers would halve the read speed).
     """
-    return _write_members(
-        path, ((f"{sample_key(rec['index'])}.{schema.SAMPLE_EXTENSION}", schema.encode(rec)) for rec in records))
+    return write_encoded_shard(path, ((rec["index"], schema.encode(rec)) for rec in records))
+
+
+def write_encoded_shard(path: Path, encoded: Iterable[tuple[int, bytes]]) -> tuple[int, int, str]:
+    """:func:`write_shard` for records already encoded: (input index, :func:`schema.encode` bytes) pairs."""
+    return _write_members(path, ((f"{sample_key(index)}.{schema.SAMPLE_EXTENSION}", data) for index, data in encoded))
 
 
 def filter_shard(path: Path, drop: set[int]) -> tuple[tuple[int, int, str], list[dict]]:
@@ -182,7 +186,7 @@ def _is_count(value) -> bool:
     return type(value) is int and value >= 0
 
 
-_SHARD_NAME = re.compile(r"shard-[0-9]{6}\.tar")
+_SHARD_NAME = re.compile(r"shard-(?:[0-9]{6}|[1-9][0-9]{6,})\.tar")  # what shard_name() writes, past 999999 too
 
 
 def _manifest_problems(m) -> list[str]:

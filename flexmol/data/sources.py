@@ -13,6 +13,7 @@ import io
 import itertools
 import os
 import re
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -39,32 +40,86 @@ NAMED = ("moses", "qm9", "b3db") + tuple(f"moleculenet:{k}" for k in MOLECULENET
 
 
 class SourceError(ValueError):
-    """The source as a whole cannot be read (missing file, no SMILES column, unknown name)."""
+    """The source as a whole cannot be read (missing file, no SMILES column, unknown name, binary
+    data, a truncated or corrupt .gz)."""
 
 
 class Source:
-    """An ordered, re-iterable collection of inputs."""
+    """An ordered, re-iterable collection of inputs.
+
+    Iterating it raises only :class:`SourceError` for a file that fails while it is read (a
+    truncated or corrupt .gz, an I/O error), naming the file and how many records came before.
+    """
 
     def __init__(self, name: str, kind: str, iterate: Callable[[], Iterator[RawInput]], fingerprint: dict,
-                 options: tuple[str, ...] = ()):
+                 options: tuple[str, ...] = (), where: Optional[str] = None):
         self.name = name
         self.kind = kind  # the RawInput kind it yields
         self._iterate = iterate
         self.fingerprint = fingerprint  # identifies the source's content, for resume checks
         self.options = options  # the SourceOptions fields this reader reads; the others it ignores
+        self.where = where or name  # what an error names: the file's path, or the set's name
 
     def __iter__(self) -> Iterator[RawInput]:
-        return self._iterate()
+        count = 0
+        try:
+            for raw in self._iterate():
+                yield raw
+                count += 1
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise SourceError(f"{self.where}: cannot be read after {count} record(s): {_read_error(exc)}") from None
 
     def has_graph(self) -> bool:
         return self.kind != "xyz"
+
+
+def _read_error(exc: BaseException) -> str:
+    if isinstance(exc, EOFError):
+        return f"the compressed data ends early, the file is truncated ({exc})"
+    if isinstance(exc, (gzip.BadGzipFile, zlib.error)):
+        return f"corrupt compressed data ({exc})"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+_HEAD = 1 << 16  # the first block of a file, checked for being text before it is read
+_GZIP_MAGIC = b"\x1f\x8b"
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # NUL and C0 controls but tab, line breaks, vertical tab, form feed
+
+
+def _check_text(path: Path) -> None:
+    """Refuse, with :class:`SourceError`, a file that is not text: a .gz name on plain data, gzip or
+    other binary data under a text name (read as text, its bytes would become hundreds of
+    nonsense molecules, or worse, a few that parse). Only the first block is checked; a text
+    file with a few odd characters (U+2028, U+0085 in an id, a Latin-1 byte) passes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot be read: {_read_error(exc)}") from None
+    if path.suffix.lower() == ".gz":
+        if not head.startswith(_GZIP_MAGIC):
+            raise SourceError(f"{path}: Not a gzipped file, though its name ends in .gz")
+        try:  # as much of the first block as decompresses, whether or not the file is complete
+            head = zlib.decompressobj(wbits=31).decompress(head, _HEAD)
+        except zlib.error as exc:
+            raise SourceError(f"{path}: cannot be read after 0 record(s): {_read_error(exc)}") from None
+    if not head:
+        return
+    text = head.decode("utf-8", errors="replace")
+    odd = text.count("\ufffd") + len(_CONTROL.findall(text))
+    # A share, not any one byte: a stray NUL or a Latin-1 letter in a text file is the one
+    # molecule's rejection (with its reason), not the whole file's.
+    if head.startswith(_GZIP_MAGIC) or odd > 0.05 * len(text):
+        hint = "gzip without .gz?" if head.startswith(_GZIP_MAGIC) else "not UTF-8 text"
+        raise SourceError(f"{path}: binary data, not a text file ({hint})")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
     # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first SMILES or header.
     # newline="": lines end at \n, \r or \r\n only, never at the other characters str.splitlines()
     # breaks on (U+2028, U+0085, form feed ...), which may sit inside an id or a comment.
-    if path.suffix == ".gz":
+    _check_text(path)
+    if path.suffix.lower() == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
     return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
@@ -114,7 +169,7 @@ def smiles_file(path: Path) -> Source:
                 yield RawInput(index, ident, "smiles", smiles)
                 index += 1
 
-    return Source(path.name, "smiles", iterate, _file_fingerprint(path))
+    return Source(path.name, "smiles", iterate, _file_fingerprint(path), where=str(path))
 
 
 def _pick_smiles_column(header: list[str], wanted: Optional[str], where: str) -> int:
@@ -170,7 +225,7 @@ def delimited_file(path: Path, opts: SourceOptions, *, id_prefix: str = "", labe
 
     fp = fingerprint or _file_fingerprint(path)
     return Source(path.name, "smiles", iterate, {**fp, "options": asdict(opts)},
-                  options=("smiles_column", "id_column", "label_columns", "delimiter"))
+                  options=("smiles_column", "id_column", "label_columns", "delimiter"), where=str(path))
 
 
 def _header(path: Path, delimiter: str) -> list[str]:
@@ -179,6 +234,8 @@ def _header(path: Path, delimiter: str) -> list[str]:
             header = next(csv.reader(f, delimiter=delimiter), None)
     except csv.Error as exc:
         raise SourceError(f"{path}: header row unreadable ({exc})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SourceError(f"{path}: header row unreadable: {_read_error(exc)}") from None
     if not header:
         raise SourceError(f"{path}: empty file, no header row")
     return header
@@ -214,7 +271,7 @@ def sdf_file(path: Path, opts: SourceOptions) -> Source:
             yield _sdf_record(index, block, opts)
 
     return Source(path.name, "molblock", iterate, {**_file_fingerprint(path), "options": asdict(opts)},
-                  options=("id_column", "label_columns"))
+                  options=("id_column", "label_columns"), where=str(path))
 
 
 def _sdf_record(index: int, lines: list[str], opts: SourceOptions) -> RawInput:
@@ -265,7 +322,7 @@ def xyz_file(path: Path) -> Source:
                 i += n + 2
             index += 1
 
-    return Source(path.name, "xyz", iterate, _file_fingerprint(path))
+    return Source(path.name, "xyz", iterate, _file_fingerprint(path), where=str(path))
 
 
 # ------------------------------------------------------------------------------------ named sets

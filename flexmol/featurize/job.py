@@ -138,16 +138,18 @@ def _check_out(out: Path) -> None:
         raise FeaturizeError(f"--out {out}: {parent} is not writable")
 
 
-def _read(inputs: Iterator[RawInput], name: str) -> Iterator[RawInput]:
+def _read(inputs: Iterator[RawInput]) -> Iterator[RawInput]:
+    from flexmol.data.sources import SourceError
+
     try:
         yield from inputs
-    except (OSError, EOFError) as exc:  # unreadable, not gzip, truncated gzip
-        raise FeaturizeError(f"{name}: cannot be read: {exc}") from None
+    except SourceError as exc:  # unreadable, binary, truncated or corrupt gzip: it names the file
+        raise FeaturizeError(str(exc)) from None
 
 
 def _count_inputs(source, cfg: FeaturizeConfig) -> int:
     """The first pass over the source: how many inputs it holds (up to ``limit``)."""
-    total = sum(1 for _ in _read(itertools.islice(iter(source), cfg.limit), cfg.source))
+    total = sum(1 for _ in _read(itertools.islice(iter(source), cfg.limit)))
     if total == 0:
         raise FeaturizeError(f"{cfg.source}: holds no molecules (no input line or record): nothing to featurise")
     return total
@@ -219,7 +221,7 @@ def run_featurize(cfg: FeaturizeConfig, log: Callable[[str], None] = lambda m: p
         raise FeaturizeError(f"cannot write the dataset directory {out}: {exc.strerror or exc}") from None
 
     log(f"[featurize] {source.name}: {total} inputs -> {out} ({cfg.modality}, {-(-total // shard_size)} shards of {shard_size})")
-    summaries = _run_tasks(cfg, out, _read(itertools.islice(iter(source), cfg.limit), cfg.source), shard_size, total, log)
+    summaries = _run_tasks(cfg, out, _read(itertools.islice(iter(source), cfg.limit)), shard_size, total, log)
     seen_inputs = sum(s["num_inputs"] for s in summaries)
     if seen_inputs != total:
         raise FeaturizeError(f"the source yielded {seen_inputs} inputs on the second pass, {total} on the first: it changed during the job")

@@ -16,7 +16,8 @@ from pathlib import Path
 from flexmol import faults
 from flexmol.chem import Featurizer, RawInput, Rejected
 from flexmol.config import FeaturizerConfig
-from flexmol.data.shards import atomic_write_text, shard_name, write_shard
+from flexmol.data import schema
+from flexmol.data.shards import atomic_write_text, shard_name, write_encoded_shard
 
 
 @dataclass
@@ -61,7 +62,8 @@ def featurize_shard(
     skip = skip or {}
     featurize = Featurizer(cfg, modality)
     started = time.perf_counter()
-    records: list[dict] = []
+    encoded: list[tuple[int, bytes]] = []  # (input index, record bytes), what the shard holds
+    keys: list[list] = []  # [InChIKey, input index, id] of each record, for the cross-shard duplicate pass
     rejects: list[dict] = []
     seen: dict[str, tuple[int, str]] = {}
     atoms = conformers = stripped = 0
@@ -87,13 +89,31 @@ def featurize_shard(
             except Exception as exc:  # a featuriser bug must not lose the other molecules
                 rejects.append(_reject(raw, "error", f"{type(exc).__name__}: {str(exc).strip()[:200]}", _input_smiles(raw)))
                 continue
+            try:
+                # Every record is checked against the schema before it is written, so a featuriser
+                # bug costs its molecule (rejected with the reason), never a dataset that fails its
+                # check or a training run. Measured on 1000 NCI molecules: validate takes ~8 us
+                # per record, 1.3% of 2D featurisation (~0.63 ms per molecule), 0.02% of paired
+                # (~20 ms). Encoding moved here from the shard writer: done once, costs nothing more.
+                schema.validate(rec)
+                if rec["index"] != raw.index:
+                    raise schema.SchemaError(f"index {rec['index']} for input {raw.index}")
+                data = schema.encode(rec)
+            except Exception as exc:  # SchemaError, or a value msgpack cannot encode (TypeError)
+                why = str(exc).strip()[:200]
+                if not isinstance(exc, schema.SchemaError):
+                    why = f"{type(exc).__name__}: {why}"
+                rejects.append(_reject(raw, "schema", f"the featurised record breaks the sample schema: {why}",
+                                       _input_smiles(raw)))
+                continue
             key = rec["inchikey"]
             if key in seen:
                 first_index, first_id = seen[key]
                 rejects.append(_reject(raw, "duplicate", f"duplicate of input {first_index} ({first_id}) by InChIKey {key}", rec["smiles"]))
                 continue
             seen[key] = (raw.index, raw.id)
-            records.append(rec)
+            encoded.append((raw.index, data))
+            keys.append([key, rec["index"], rec["id"]])
             atoms += len(rec["z"])
             conformers += len(rec["pos"]) if "pos" in rec else 0
             stripped += bool(rec.get("fragments_stripped"))
@@ -103,7 +123,7 @@ def featurize_shard(
             faulthandler.cancel_dump_traceback_later()
             watchdog_log.close()
 
-    samples, size, digest = write_shard(out_dir / spec.name, records)
+    samples, size, digest = write_encoded_shard(out_dir / spec.name, encoded)
     summary = {
         "shard": spec.name,
         "shard_id": spec.shard_id,
@@ -115,7 +135,7 @@ def featurize_shard(
         "atoms": atoms,
         "conformers": conformers,
         "fragments_stripped": stripped,
-        "keys": [[r["inchikey"], r["index"], r["id"]] for r in records],
+        "keys": keys,
         "rejects": rejects,
         "seconds": round(time.perf_counter() - started, 3),
     }
