@@ -241,7 +241,7 @@ def test_gathered_negatives_at_world_size_two_match_one_process_holding_the_whol
     assert not torch.allclose(results[0]["loss"], reference.detach(), rtol=1e-3, atol=1e-3)
 
 
-def test_gather_negatives_is_validated_naming_its_key():
+def test_gather_negatives_is_validated_naming_its_key(monkeypatch):
     assert build(ObjectiveConfig).gather_negatives == "auto"
     for mode in ("auto", "on", "off", "true", "false"):  # YAML reads on / off as booleans
         cfg = build(ObjectiveConfig, overrides=[f"gather_negatives={mode}"])
@@ -251,7 +251,11 @@ def test_gather_negatives_is_validated_naming_its_key():
         validate_objective(build(ObjectiveConfig, overrides=["gather_negatives=always"]))
     with pytest.raises(ValueError, match="objective.gather_negatives"):
         gather_enabled("sometimes")
-    # one process, no process group: auto and off keep the local batch, on cannot gather
+    # one process, no process group (in-process runs of other tests may have made one: set it aside)
+    import flexmol.objectives.losses as losses
+
+    monkeypatch.setattr(losses.dist, "is_initialized", lambda: False)
+    # auto and off keep the local batch, on cannot gather
     assert not gather_enabled("auto") and not gather_enabled("off")
     with pytest.raises(RuntimeError, match="gather_negatives=on"):
         gather_enabled("on")

@@ -176,19 +176,20 @@ class Pretrainer:
         import deepspeed
 
         self.cfg = cfg
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        # what each rank can check alone comes first: a refused run starts no process group
         shards: list[dict] = []
         sources, self.valid_urls, notes = split_sources(cfg, shards)
+        check_output_dir(self.out)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if cfg.data.verify_checksums:
             started = time.perf_counter()
             verify_checksums(shards, self.rank, self.world, _checksum_gather(self.world))
             if self.rank == 0:
                 print(f"[pretrain] sha256 of {len(shards)} shard(s), {sum(s['bytes'] for s in shards) / 1e6:.1f} MB: "
                       f"as in their manifests ({time.perf_counter() - started:.1f} s)", flush=True)
-        check_output_dir(self.out)
         if self.rank == 0:
             for note in notes:
                 print(f"[pretrain] {note}", flush=True)
