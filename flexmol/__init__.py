@@ -13,7 +13,7 @@ def save_pretrained(model, path):
 def load_pretrained(path):
     """A FlexMol model from an export directory, in eval mode. Loading runs no code from the files:
     safetensors and YAML only. Damaged or foreign files (a checksum mismatch, a truncated or
-    non-safetensors weights file, sizes that do not fit the weights) raise
+    non-safetensors weights file, sizes that do not fit the weights or this machine's memory) raise
     :class:`flexmol.model.export.ExportError` (a ``ConfigError``) naming the file."""
     from flexmol.model.export import load_pretrained as load
 

@@ -186,3 +186,12 @@ def test_an_environment_refusal_names_the_whole_command(tmp_path, capsys, monkey
     assert cli(["shards", "inspect", str(tmp_path)]) == 2
     err = _one_line_error(capsys, "Permission denied", "manifest.json")
     assert err.startswith("flexmol shards inspect: ")
+
+
+def test_a_finetune_refused_for_its_data_leaves_no_output_folder(tmp_path, capsys):
+    binary = tmp_path / "mols.smi"
+    binary.write_bytes(gzip.compress(b"CCO 1\n" * 100))  # gzip bytes under a .smi name
+    out = tmp_path / "run"
+    assert cli(["finetune", "--data", str(binary), "--target", "y", "--baselines", "ecfp_rf", "--out", str(out)]) == 2
+    _one_line_error(capsys, str(binary))
+    assert not out.exists()

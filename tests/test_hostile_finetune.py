@@ -122,7 +122,7 @@ def test_an_edited_data_file_is_run_again_and_an_untouched_one_is_not(class_csv,
 # ---------------------------------------------------------------------------------------- exports
 
 def test_an_export_carries_the_checksum_of_its_weights(export):
-    from flexmol.model.export import file_sha256
+    from flexmol.data.shards import file_sha256
 
     sums = json.loads((export / "checksums.json").read_text())
     weights = export / "model.safetensors"
@@ -160,6 +160,86 @@ def test_an_export_written_before_checksums_loads_with_a_warning(export, tmp_pat
         model = flexmol.load_pretrained(old)
     ref = flexmol.load_pretrained(export)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_file_hashes_come_from_one_function_read_once_per_version_of_the_file(tmp_path, monkeypatch):
+    import hashlib
+
+    import flexmol.data.shards as shards
+    from flexmol.model.export import cached_sha256
+
+    calls = []
+    real = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda path: calls.append(path) or real(path))
+    path = tmp_path / "data.csv"
+    path.write_text("smiles,y\nCCO,1\n")
+    assert cached_sha256(path) == cached_sha256(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(calls) == 1
+    path.write_text("smiles,y\nCCO,0\n")  # same size, new content and modification time
+    os.utime(path, ns=(10**18, 10**18))
+    assert cached_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() and len(calls) == 2
+    import flexmol.model.export as export_module
+
+    assert not hasattr(export_module, "file_sha256")  # one implementation, in flexmol.data.shards
+
+
+def test_load_pretrained_reads_and_checks_each_file_once(export, monkeypatch):
+    import flexmol.model.export as ex
+
+    calls = {}
+    for name in ("_read_header", "export_model_config", "_check_fit", "_expected"):
+        real = getattr(ex, name)
+        monkeypatch.setattr(ex, name, lambda *a, _real=real, _name=name: calls.update({_name: calls.get(_name, 0) + 1})
+                            or _real(*a))
+    flexmol.load_pretrained(export)
+    assert calls == {"_read_header": 1, "export_model_config": 1, "_check_fit": 1, "_expected": 1}
+
+
+def _state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_an_export_cut_short_before_its_checksums_says_so_when_loaded(export, tmp_path, monkeypatch):
+    import types
+
+    import flexmol.model.export as ex
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt
+
+    path, model = tmp_path / "cut", flexmol.load_pretrained(export)
+    monkeypatch.setattr(ex, "json", types.SimpleNamespace(dumps=cut))  # killed as the checksums are written
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "model.yaml"]
+    with pytest.warns(UnverifiedExportWarning) as record:
+        loaded = flexmol.load_pretrained(path)
+    msg = str(record[0].message)
+    assert "no checksums.json" in msg and "cut short" in msg and "written before exports carried checksums" in msg
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in _state(export).items())
+
+
+def test_an_export_cut_short_while_writing_its_weights_keeps_the_old_weights_whole(export, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path, model = _copy(export, tmp_path), flexmol.load_pretrained(export)
+    old = (path / "model.safetensors").read_bytes()
+
+    def half_then_killed(state, filename, *a, **k):
+        Path(filename).write_bytes(old[: len(old) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "model.yaml"]  # no partial file left
+    assert (path / "model.safetensors").read_bytes() == old
+    with pytest.warns(UnverifiedExportWarning, match="cut short"):
+        flexmol.load_pretrained(path)
 
 
 @pytest.mark.parametrize("damage", [_flip_byte, _truncate])
@@ -374,6 +454,82 @@ def test_model_summary_of_an_impossible_model_is_one_line_naming_the_keys(text, 
     assert str(path) in err and all(k in err for k in keys)
 
 
+HUGE = {"dim": "dim: 1000000\nheads: 1\n", "ffn_mult": "ffn_mult: 100000000\n"}
+
+
+@pytest.mark.parametrize("kind", sorted(HUGE))
+def test_model_summary_counts_any_sizes_without_allocating_them(kind, tmp_path, capsys):
+    from flexmol.model.summary import model_config_file, parameter_count
+
+    path = tmp_path / "huge.yaml"
+    path.write_text(HUGE[kind])
+    assert flexmol.cli.main(["model", "summary", "--model", str(path)]) == 0
+    total = int(capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1])
+    assert total == parameter_count(model_config_file(path)) > 10**12
+
+
+@pytest.mark.parametrize("kind", sorted(HUGE))
+def test_finetune_refuses_a_model_too_large_for_this_machine_in_one_line(kind, class_csv, tmp_path, capsys):
+    path = tmp_path / "huge.yaml"
+    path.write_text(HUGE[kind])
+    out = tmp_path / "o"
+    rc = finetune_main(["--data", str(class_csv), "--target", "y", "--out", str(out), "--seeds", "1",
+                        "--baselines", "scratch", f"scratch_model={path}", "data.num_workers=1"])
+    err = _one_line_error(capsys, rc)
+    assert "'scratch_model'" in err and str(path) in err and f"{kind}=" in err and "parameters" in err
+    assert "more than this machine's" in err
+    assert not out.exists()  # refused before any molecule was featurised
+
+
+def test_load_pretrained_and_finetune_refuse_a_checkpoint_too_large_for_this_machine(export, class_csv, tmp_path,
+                                                                                      capsys, monkeypatch):
+    import flexmol.model.summary
+
+    monkeypatch.setattr(flexmol.model.summary, "physical_memory", lambda: 1 << 16)
+    with pytest.raises(ExportError, match="more than this machine's") as info:
+        flexmol.load_pretrained(export)
+    assert str(export / "model.yaml") in str(info.value) and f"{flexmol.model.summary.parameter_count(TINY):,}" \
+        in str(info.value)
+    out = tmp_path / "o"
+    rc = finetune_main(["--checkpoint", str(export), "--data", str(class_csv), "--target", "y", "--out", str(out)]
+                       + FAST)
+    err = _one_line_error(capsys, rc)
+    assert "'checkpoint'" in err and str(export / "model.yaml") in err and not out.exists()
+
+
+def _allocation_fails(monkeypatch):
+    """Building a FlexMol anywhere but on the meta device fails as the CPU allocator does."""
+    import flexmol.model.summary
+
+    real = flexmol.model.summary.FlexMol
+
+    def build(cfg):
+        if torch.empty(0).device.type != "meta":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 12000000000000 bytes.\nError code 12")
+        return real(cfg)
+
+    monkeypatch.setattr(flexmol.model.summary, "FlexMol", build)
+
+
+def test_a_model_whose_weights_cannot_be_allocated_is_one_line_naming_its_sizes(export, class_csv, tmp_path,
+                                                                               capsys, monkeypatch):
+    from flexmol.model.summary import parameter_count
+
+    _allocation_fails(monkeypatch)
+    with pytest.raises(ExportError, match="could not be allocated") as info:
+        flexmol.load_pretrained(export)
+    msg = str(info.value)
+    assert str(export / "model.yaml") in msg and f"{parameter_count(TINY):,} parameters" in msg
+    assert len(msg.splitlines()) == 1
+    path = tmp_path / "my.yaml"
+    path.write_text("dim: 32\nheads: 4\nlayers: 1\n")
+    rc = finetune_main(["--data", str(class_csv), "--target", "y", "--out", str(tmp_path / "o"),
+                        "--baselines", "scratch", f"scratch_model={path}"] + FAST[:4] + ["data.num_workers=1"])
+    err = _one_line_error(capsys, rc, progress=True)
+    assert "'scratch_model'" in err and str(path) in err and "could not be allocated" in err and "parameters" in err
+
+
 def test_a_width_not_divisible_by_the_heads_is_a_config_error_wherever_a_model_is_built(class_csv, tmp_path, capsys):
     from flexmol.train import config as pretrain_config
 
@@ -422,3 +578,21 @@ def test_finetune_help_describes_every_argument_with_its_default(capsys):
                    "(default: all)", "(default: outputs/finetune)", "(default: classification)",
                    "(default: roc_auc for classification, rmse for regression)"):
         assert phrase in text, phrase
+
+
+def test_finetune_help_reads_no_config_and_shows_the_packaged_defaults(monkeypatch):
+    from flexmol import config
+    from flexmol.finetune import cli
+    from flexmol.finetune.config import FinetuneConfig
+
+    packaged = config.build(FinetuneConfig, cli.DEFAULT_CONFIG)
+    shown = cli._defaults()
+    for key in ("mode", "seeds", "baselines", "out", "scratch_model"):
+        assert getattr(shown, key) == getattr(packaged, key), key
+    assert shown.data.task == packaged.data.task and shown.split == packaged.split
+
+    def no_build(*a, **k):
+        raise AssertionError("the help text built a configuration")
+
+    monkeypatch.setattr(config, "build", no_build)
+    cli.add_arguments(argparse.ArgumentParser())  # building the parser (every command does) reads no file

@@ -347,3 +347,12 @@ def test_init_from_an_export_with_altered_weights_is_refused_naming_the_file(qm9
                        f"output_dir={tmp_path / 'o'}")
     line = refused(rc, err)
     assert "'init_from'" in line and str(weights) in line and "sha256" in line
+
+
+def test_a_model_too_large_for_this_machine_is_refused_naming_model_size(qm9_small, tmp_path, capsys):
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("dim: 1000000\nheads: 1\n")
+    rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"model.size={huge}",
+                       f"output_dir={tmp_path / 'o'}")
+    line = refused(rc, err)
+    assert "'model.size'" in line and "parameters" in line

@@ -105,6 +105,22 @@ def test_the_two_encoders_share_exactly_the_attention_parameters():
     assert len(list(m.parameters())) == len({id(p) for p in m.parameters()})
 
 
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_model_summary_counts_on_the_meta_device_what_a_real_build_holds(size, monkeypatch):
+    import flexmol.model.summary as summary
+
+    cfg = summary.model_config(size)
+    real = FlexMol(cfg)
+    built = []
+    make = summary.FlexMol
+    monkeypatch.setattr(summary, "FlexMol", lambda c: built.append(torch.empty(0).device.type) or make(c))
+    text = summary.summary_text(size)
+    assert built == ["meta"]  # nothing allocated
+    assert text.splitlines()[-1] == f"total parameters: {summary.count(real)}"
+    assert [(n, c) for n, c in summary.parameter_table(real)] == [
+        (line.split()[0], int(line.split()[1].replace(",", ""))) for line in text.splitlines()[1:-1]]
+
 def grads(m):
     return {name: (p.grad is not None and p.grad.abs().sum().item() > 0) for name, p in m.named_parameters()}
 

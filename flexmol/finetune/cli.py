@@ -16,10 +16,11 @@ NAME_KEYS = ("scratch_model",)
 
 
 def _defaults():
-    """The packaged default configuration (unvalidated: it names no data), for the help text."""
+    """The configuration's defaults, for the help text: the dataclass's own (which the packaged
+    default.yaml repeats), so that building the parser reads and validates no file."""
     from flexmol.finetune.config import FinetuneConfig
 
-    return config.build(FinetuneConfig, DEFAULT_CONFIG)
+    return FinetuneConfig()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

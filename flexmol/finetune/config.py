@@ -267,12 +267,13 @@ def validate(cfg: FinetuneConfig) -> None:
         fail("out", "is required (the output directory)")
     check_out(cfg.out)
     if cfg.checkpoint:
-        check_export(cfg.checkpoint)
+        check_export(cfg.checkpoint)  # its sizes too: a model too large for this machine is refused here
     else:
-        from flexmol.model.summary import model_config
+        from flexmol.model.summary import check_fits_memory, model_config
 
         try:
-            model_config(cfg.scratch_model, key="scratch_model")
+            shape = model_config(cfg.scratch_model, key="scratch_model")
+            check_fits_memory(shape, str(config.resolve_resource("model", cfg.scratch_model, key="scratch_model")))
         except ConfigError as exc:
             text = str(exc)
             raise ConfigError(text if text.startswith("scratch_model") else f"config key 'scratch_model': {text}") \

@@ -164,12 +164,12 @@ def content_fingerprint(source) -> dict:
     version of the file: path, size and modification time), so that an edited file, even one
     edited within the same second or at the same size, is other data; named sets are identified by
     their pinned wheel."""
-    from flexmol.model.export import file_sha256
+    from flexmol.model.export import cached_sha256
 
     fp = dict(source.fingerprint)
     fp.pop("mtime_ns", None)
     if "path" in fp:
-        fp["sha256"] = file_sha256(fp["path"])
+        fp["sha256"] = cached_sha256(fp["path"])
     return fp
 
 

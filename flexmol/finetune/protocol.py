@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -63,20 +64,28 @@ def model_shape(cfg: FinetuneConfig):
 
 
 def backbone(cfg: FinetuneConfig, pretrained: bool):
-    """The pre-trained FlexMol of ``cfg.checkpoint``, or a freshly initialised one of the same shape."""
+    """The pre-trained FlexMol of ``cfg.checkpoint``, or a freshly initialised one of the same shape;
+    weights that cannot be allocated raise a :class:`ConfigError` naming the sizes' file or key."""
     from flexmol import load_pretrained
-    from flexmol.model import FlexMol
+    from flexmol.model.summary import build_model
 
     if pretrained:
         return load_pretrained(export_dir(cfg.checkpoint)).train()
-    return FlexMol(model_shape(cfg))
+    return build_model(model_shape(cfg), model_source(cfg))
+
+
+def model_source(cfg: FinetuneConfig) -> str:
+    """Where :func:`model_shape`'s sizes come from, for errors: the file, and the config key naming it."""
+    if cfg.checkpoint:
+        return f"config key 'checkpoint': {export_dir(cfg.checkpoint) / 'model.yaml'}"
+    return f"config key 'scratch_model': {config.resolve_resource('model', cfg.scratch_model, key='scratch_model')}"
 
 
 def checkpoint_sha256(cfg: FinetuneConfig) -> str:
     """sha256 of the checkpoint's weights (read once per file version)."""
-    from flexmol.model.export import file_sha256
+    from flexmol.model.export import cached_sha256
 
-    return file_sha256(export_dir(cfg.checkpoint) / "model.safetensors")
+    return cached_sha256(export_dir(cfg.checkpoint) / "model.safetensors")
 
 
 def data_fingerprint(cfg: FinetuneConfig) -> dict:
@@ -254,6 +263,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         dist.init_process_group("gloo")
     device = _device(cfg)
     digests = {name: run_digest(cfg, name) for name in model_names(cfg)}
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -267,14 +277,19 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                               subsample=cfg.data.subsample, subsample_seed=cfg.data.subsample_seed,
                               workers=cfg.data.num_workers, cache_dir=out / "cache", progress=progress)
 
-    if rank == 0:
-        data = load(True)
-    if distributed:  # the other ranks read rank 0's cache
-        dist.barrier()
-    if rank != 0:
-        data = load(False)
-    if not data.records:
-        raise ValueError(f"{cfg.data.source}: no usable molecule ({data.summary()})")
+    try:
+        if rank == 0:
+            data = load(True)
+        if distributed:  # the other ranks read rank 0's cache
+            dist.barrier()
+        if rank != 0:
+            data = load(False)
+        if not data.records:
+            raise ValueError(f"{cfg.data.source}: no usable molecule ({data.summary()})")
+    except BaseException:
+        if created and rank == 0 and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)  # a refused run leaves no empty --out behind
+        raise
     if rank == 0:
         console(f"[finetune] {cfg.data.source}: {data.summary()}")
         with open(out / "rejects.jsonl", "w") as f:

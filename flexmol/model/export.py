@@ -4,13 +4,15 @@ and YAML only) and refuses, with one line naming the file, weights that are not 
 (a flipped byte, a truncated copy), a file that is not safetensors, sizes the network cannot be
 built with, and weights that do not fit those sizes.
 
-An export written before checksums (no ``checksums.json``) still loads: its safetensors header and
-every tensor's shape are checked as for any export, and an :class:`UnverifiedExportWarning` says
-that its bytes could not be compared with the ones written.
+The weights are written first and ``checksums.json`` last, each through a temporary file renamed
+into place, so an export never holds a partly written file under its final name, and one whose
+writing was cut short has no ``checksums.json``. Such an export, like one written before exports
+carried checksums, still loads: its safetensors header and every tensor's shape are checked as for
+any export, and an :class:`UnverifiedExportWarning` says that its bytes could not be compared with
+the ones written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -33,24 +35,36 @@ class UnverifiedExportWarning(UserWarning):
 _SHA256: dict = {}
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read once per version of the file (path, size, mtime) in a process."""
+def cached_sha256(path: str | Path) -> str:
+    """:func:`flexmol.data.shards.file_sha256` of ``path``, computed once per version of the file
+    (path, size, modification time) in a process: a checkpoint or data file named by several runs
+    is read once."""
+    from flexmol.data.shards import file_sha256
+
     path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        _SHA256[key] = h.hexdigest()
+        _SHA256[key] = file_sha256(path)
     return _SHA256[key]
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: ``path`` is either its old content or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_pretrained(model, path):
     """Write ``model`` (a FlexMol) as an export directory: ``model.safetensors``, ``model.yaml`` and
-    ``checksums.json`` (sha256 and size of the weights file). The checksums are written last: an
-    export cut short while being written fails its check instead of loading half of it."""
+    ``checksums.json`` (sha256 and size of the weights file). Any old ``checksums.json`` is removed
+    first and the new one written last, each file through a temporary file renamed into place: an
+    export cut short while being written has no checksums (it loads with a warning, or fails its
+    checks) and never holds half a file."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -58,13 +72,11 @@ def save_pretrained(model, path):
     path.mkdir(parents=True, exist_ok=True)
     (path / CHECKSUMS).unlink(missing_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS))
-    OmegaConf.save(OmegaConf.structured(model.cfg), path / SHAPE)
     weights = path / WEIGHTS
-    sums = {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": file_sha256(weights)}}
-    tmp = path / (CHECKSUMS + ".tmp")
-    tmp.write_text(json.dumps(sums, indent=1) + "\n")
-    tmp.replace(path / CHECKSUMS)
+    _replace_atomically(weights, lambda tmp: save_file(state, str(tmp)))
+    _replace_atomically(path / SHAPE, lambda tmp: OmegaConf.save(OmegaConf.structured(model.cfg), tmp))
+    sums = {WEIGHTS: {"bytes": weights.stat().st_size, "sha256": cached_sha256(weights)}}
+    _replace_atomically(path / CHECKSUMS, lambda tmp: tmp.write_text(json.dumps(sums, indent=1) + "\n"))
     return path
 
 
@@ -87,7 +99,11 @@ def verify_export(path: str | Path) -> bool:
     are the bytes ``checksums.json`` describes, and they are a readable safetensors file. True when
     the checksum was compared, False for an export without checksums (see the module's note);
     raises :class:`ExportError` naming the file otherwise."""
-    path = Path(path)
+    return _verify(Path(path))[0]
+
+
+def _verify(path: Path) -> tuple[bool, dict]:
+    """:func:`verify_export`'s answer and the weights' safetensors header (name -> shape)."""
     if not path.is_dir():
         raise ExportError(f"{path}: {'not a directory' if path.exists() else 'no such directory'} "
                           f"(an export holds {WEIGHTS} + {SHAPE})")
@@ -102,11 +118,10 @@ def verify_export(path: str | Path) -> bool:
             what = "truncated" if size < expected["bytes"] else "longer than written"
             raise ExportError(f"{weights}: {what} ({size} bytes; {CHECKSUMS} says {expected['bytes']}); "
                               "copy or export it again")
-        if file_sha256(weights) != expected["sha256"]:
+        if cached_sha256(weights) != expected["sha256"]:
             raise ExportError(f"{weights}: checksum mismatch (sha256 differs from {CHECKSUMS}): the file is "
                               "damaged; copy or export it again")
-    _read_header(weights)
-    return expected is not None
+    return expected is not None, _read_header(weights)
 
 
 def _read_header(weights: Path) -> dict:
@@ -141,21 +156,25 @@ def export_model_config(path: str | Path):
 
 
 def check_export(path: str | Path) -> bool:
-    """:func:`verify_export`, then the sizes in ``model.yaml`` checked and every tensor of the
-    weights file matched against the model they describe (names and shapes, from the safetensors
-    header; the model built on the meta device, so nothing is allocated). True when the checksum
-    was compared; raises :class:`ExportError` naming the file otherwise."""
-    import torch
+    """:func:`verify_export`, then the sizes in ``model.yaml`` checked, every tensor of the weights
+    file matched against the model they describe (names and shapes, from the safetensors header;
+    the model built on the meta device, so nothing is allocated), and that model's float32 weights
+    checked to fit in this machine's memory. True when the checksum was compared; raises
+    :class:`ExportError` naming the file otherwise."""
+    return _check(Path(path))[0]
 
-    from flexmol.model.network import FlexMol
 
-    path = Path(path)
-    verified = verify_export(path)
+def _check(path: Path):
+    """:func:`check_export`'s answer, the checked :class:`ModelConfig` and its parameter count;
+    each file read once."""
+    from flexmol.model.summary import meta_model, check_fits_memory, count
+
+    verified, have = _verify(path)
     cfg = export_model_config(path)
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in FlexMol(cfg).state_dict().items()}
-    _check_fit(path, _read_header(path / WEIGHTS), want)
-    return verified
+    meta = meta_model(cfg, str(path / SHAPE), ExportError)
+    _check_fit(path, have, {k: tuple(v.shape) for k, v in meta.state_dict().items()})
+    n = check_fits_memory(cfg, str(path / SHAPE), count(meta), ExportError)
+    return verified, cfg, n
 
 
 def _check_fit(path: Path, have: dict, want: dict) -> None:
@@ -178,23 +197,27 @@ def load_pretrained(path, _stacklevel: int = 2):
     import torch
     from safetensors.torch import load_file
 
-    from flexmol.model.network import FlexMol
+    from flexmol.model.summary import build_model
 
     path = Path(path)
-    if not check_export(path):
-        warnings.warn(f"{path}: no {CHECKSUMS} (an export written before checksums); its weights load "
-                      "unverified", UnverifiedExportWarning, stacklevel=_stacklevel)
-    model = FlexMol(export_model_config(path))
+    verified, cfg, n = _check(path)
+    if not verified:
+        warnings.warn(f"{path}: no {CHECKSUMS} (written before exports carried checksums, or its writing was cut "
+                      "short before they were written); its weights load unverified", UnverifiedExportWarning,
+                      stacklevel=_stacklevel)
+    model = build_model(cfg, str(path / SHAPE), ExportError, n)
     weights = path / WEIGHTS
     try:
         state = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"{weights}: not a readable safetensors file ({_first_line(exc)})") from None
-    _check_fit(path, {k: tuple(v.shape) for k, v in state.items()},
-               {k: tuple(v.shape) for k, v in model.state_dict().items()})
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ExportError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
                           "the run that wrote it diverged")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # the file replaced since its header was checked
+        raise ExportError(f"{weights}: the weights do not fit the sizes in {path / SHAPE} "
+                          f"({_first_line(exc)})") from None
     return model.eval()

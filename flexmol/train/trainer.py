@@ -24,7 +24,7 @@ from flexmol.data.collate import move
 from flexmol.data.integrity import DataError, dataset_shards, verify_checksums
 from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream, fixed_batches, heldout_records
 from flexmol.model import FlexMol
-from flexmol.model.summary import model_config
+from flexmol.model.summary import build_model, model_config
 from flexmol.objectives import pretraining_losses
 from flexmol.train.config import PretrainConfig, warmup_steps
 from flexmol.train.schedule import lr_factor
@@ -196,7 +196,7 @@ class Pretrainer:
         self.schedule = MixingSchedule([MixPoint(p.step, dict(p.weights)) for p in cfg.data.mix], list(sources))
 
         torch.manual_seed(cfg.train.seed)
-        model = FlexMol(model_config(cfg.model.size))
+        model = build_model(model_config(cfg.model.size), f"config key 'model.size' ({cfg.model.size})")
         # A checkpoint in output_dir wins (the run resumes); otherwise init_from applies. An export
         # is loaded before DeepSpeed wraps the model, so that the optimizer's fp32 master copies
         # (ZeRO 1/2) and partitions (ZeRO 3) are made from it.
