@@ -161,21 +161,62 @@ def test_a_deleted_or_truncated_shard_is_refused_at_start_up_naming_it(qm9_small
     assert ("missing" if damage == "deleted" else "bytes") in line
 
 
+def only_shard(dataset: Path, name: str) -> None:
+    """Make ``dataset`` a dataset of its shard ``name`` alone (the others deleted, the manifest
+    rewritten)."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        if s["name"] != name:
+            (dataset / s["name"]).unlink()
+    manifest["shards"] = [s for s in manifest["shards"] if s["name"] == name]
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+
+def nan_coordinates(shard: Path, index: int) -> str:
+    """Overwrite the first coordinate of record ``index`` with NaN: it decodes, its values are
+    bad. Returns the record's key."""
+    import numpy as np
+
+    from flexmol.data import schema
+
+    m = _member(shard, index)
+    with tarfile.open(shard) as tar:
+        data = tar.extractfile(tar.getmember(m.name)).read()
+    pos = schema.decode(data)["pos"].tobytes()
+    _overwrite(shard, m.offset_data + data.index(pos), np.array([np.nan], dtype=np.float32).tobytes())
+    return m.name.partition(".")[0]
+
+
 def test_skip_mode_trains_past_bad_records_and_reports_how_many(dataset, tmp_path, capsys):
+    """One shard of 25 records read in order, 3 steps of about 5 molecules: its first read, which
+    holds a record that does not decode and one with coordinates that are not numbers, each
+    counted once."""
+    only_shard(dataset, "shard-000001.tar")
     break_record_structure(dataset / "shard-000001.tar", 3)
-    break_record_structure(dataset / "shard-000001.tar", 7)
+    nan_coordinates(dataset / "shard-000001.tar", 7)
     out = tmp_path / "o"
     rc, err = pretrain(capsys, *TINY, f"data.paired=[{dataset}]", "data.verify_checksums=false",
                        "data.on_bad_record=skip", "validation.holdout_shards=0", "train.max_steps=3",
-                       f"output_dir={out}")
+                       "data.shuffle_buffer=0", "data.max_atoms=24", f"output_dir={out}")
     assert rc == 0, err[-3000:]
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
+    assert train[-1]["seen"]["paired"] + 2 <= 25  # the shard's first read only
     counts = [r["skipped_records"].get("paired", 0) for r in train]
-    assert counts == sorted(counts) and counts[-1] >= 2  # every read of the shard skips both records
+    assert counts == sorted(counts) and counts[-1] == 2
     assert "skipping bad data" in err and "shard-000001.tar" in err
-    assert f"data.paired {counts[-1]}" in err
+    assert "data.paired 2" in err
+
+
+@pytest.mark.parametrize("buffer", [0, 1])
+def test_a_shuffle_buffer_of_0_or_1_trains_on_the_records_in_order(qm9_small, tmp_path, capsys, buffer):
+    out = tmp_path / "o"
+    rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"data.shuffle_buffer={buffer}",
+                       f"output_dir={out}")
+    assert rc == 0, err[-3000:]
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["split"] == "train"] == [1, 2]
 
 
 # -- wrong configuration ---------------------------------------------------------------------
@@ -271,7 +312,12 @@ def test_init_from_garbage_is_refused_with_one_line(qm9_small, tmp_path, capsys)
     rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"init_from={garbage}",
                        f"output_dir={tmp_path / 'o'}")
     line = refused(rc, err)
-    assert "'init_from'" in line and "model.safetensors" in line
+    assert "'init_from'" in line and f"{garbage}: no model.yaml" in line
+    (garbage / "model.yaml").write_text("dim: 64\n")
+    rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"init_from={garbage}",
+                       f"output_dir={tmp_path / 'o'}")
+    line = refused(rc, err)
+    assert "'init_from'" in line and f"{garbage / 'model.safetensors'}: not a readable safetensors file" in line
     a_file = tmp_path / "weights.bin"
     a_file.write_bytes(b"\x00")
     rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"init_from={a_file}",
@@ -347,6 +393,42 @@ def test_init_from_an_export_with_altered_weights_is_refused_naming_the_file(qm9
                        f"output_dir={tmp_path / 'o'}")
     line = refused(rc, err)
     assert "'init_from'" in line and str(weights) in line and "sha256" in line
+    assert line.startswith(f"flexmol pretrain: config key 'init_from': {weights}: checksum mismatch"), line
+    assert line.count(str(weights)) == 1 and "not a readable" not in line
+
+
+def test_init_from_an_export_with_weights_that_are_not_numbers_is_refused_naming_tensor_and_file(
+        qm9_small, tmp_path, capsys):
+    import torch
+
+    from flexmol import save_pretrained
+    from flexmol.model import FlexMol
+    from flexmol.model.summary import model_config
+
+    model = FlexMol(model_config("tiny"))
+    name, weight = next((k, v) for k, v in model.state_dict().items() if v.is_floating_point())
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    export = save_pretrained(model, tmp_path / "stage1" / "export")  # checksums of the NaN: they verify
+    rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"init_from={tmp_path / 'stage1'}",
+                       f"output_dir={tmp_path / 'o'}")
+    line = refused(rc, err)
+    assert f"'init_from': {export / 'model.safetensors'}: 1 tensor(s) hold NaN" in line and name in line
+
+
+def test_init_from_an_export_without_checksums_trains_with_one_warning_line(qm9_small, tmp_path, capsys):
+    from flexmol import save_pretrained
+    from flexmol.model import FlexMol
+    from flexmol.model.summary import model_config
+
+    export = save_pretrained(FlexMol(model_config("tiny")), tmp_path / "stage1" / "export")
+    (export / "checksums.json").unlink()
+    rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"init_from={tmp_path / 'stage1'}",
+                       "train.max_steps=1", f"output_dir={tmp_path / 'o'}")
+    assert rc == 0, err[-3000:]
+    said = [line for line in err.splitlines() if "unverified" in line]
+    assert len(said) == 1 and said[0].startswith(f"[pretrain] warning: config key 'init_from': {export} has no "
+                                                  "checksums.json"), err[-3000:]
 
 
 def test_a_model_too_large_for_this_machine_is_refused_naming_model_size(qm9_small, tmp_path, capsys):

@@ -140,6 +140,41 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_checkpointed_ste
 
 
 @pytest.mark.slow
+def test_a_bad_record_read_by_one_rank_stops_every_rank_with_the_same_line(qm9_one_shard, tmp_path):
+    """Two ranks share the one shard by position (rank 1 keeps the odd records): a record of rank
+    1's share that does not decode stops both ranks before the step's collectives, each with the
+    same line, and the launcher with exit status 2."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    data = Path(shutil.copytree(qm9_one_shard, tmp_path / "data"))
+    shard = data / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.isfile()][5]
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\xc1\xc1\xc1\xc1")
+    key = member.name.partition(".")[0]
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29625",
+           str(repo / "launch" / "pretrain.py"), "--config", STAGE[1], f"data.paired=[{data}]",
+           "data.verify_checksums=false", "data.shuffle_buffer=0", "data.num_workers=0", "data.max_atoms=256",
+           "train.max_steps=4", "validation.holdout_shards=0", "wandb.mode=disabled", f"output_dir={tmp_path / 'o'}"]
+    proc = subprocess.run(cmd, cwd=repo, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 2, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    # one per rank, the same (rank 0's progress bar may share its line)
+    lines = [line[line.index("flexmol pretrain: "):] for line in log.splitlines() if "flexmol pretrain: " in line]
+    assert len(lines) == 2 and lines[0] == lines[1], log[-3000:]
+    assert f"shard shard-000000.tar: record {key}: " in lines[0] and "(stopped in step 1, read by rank 1)" in lines[0]
+
+
+@pytest.mark.slow
 def test_stage_one_exports_and_stage_two_continues_on_2d_mixed_with_paired(qm9_paired, nci_smi, tmp_path):
     import math
 
@@ -473,6 +508,38 @@ def test_metrics_hold_each_step_once_after_a_kill_between_checkpoints(qm9_paired
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss/total"] for r in resumed] == [r["loss/total"] for r in straight]
     assert [r["step"] for r in _records(tmp_path / "b", "valid")] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_a_signal_on_a_validation_step_validates_that_step_when_it_resumes(qm9_paired, tmp_path,
+                                                                                          monkeypatch):
+    import signal
+
+    from flexmol.train import config as tc
+    from flexmol.train import trainer as tr
+
+    base = SMALL + [f"data.paired=[{qm9_paired}]", "train.max_steps=4", "train.save_every=100", "validation.every=2"]
+    tr.Pretrainer(tc.load(STAGE[1], base + [f"output_dir={tmp_path / 'a'}"])).run()
+    losses, steps = tr.pretraining_losses, []
+
+    def signalled_in_step_2(model, *args, **kw):
+        if model.training:
+            steps.append(1)
+            if len(steps) == 2:
+                signal.raise_signal(signal.SIGTERM)  # the trainer's handler: stop after this step
+        return losses(model, *args, **kw)
+
+    cut = base + [f"output_dir={tmp_path / 'b'}", "resume=auto"]
+    with monkeypatch.context() as m:
+        m.setattr(tr, "pretraining_losses", signalled_in_step_2)
+        assert [r["step"] for r in tr.Pretrainer(tc.load(STAGE[1], cut)).run()] == [1, 2]
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert _records(tmp_path / "b", "valid") == []
+    tr.Pretrainer(tc.load(STAGE[1], cut)).run()
+    straight, resumed = _records(tmp_path / "a", "valid"), _records(tmp_path / "b", "valid")
+    assert [r["step"] for r in resumed] == [2, 4]
+    assert [r["valid/paired/total"] for r in resumed] == [r["valid/paired/total"] for r in straight]
+    assert [r["step"] for r in _records(tmp_path / "b")] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

@@ -188,6 +188,47 @@ def test_ranks_reading_a_source_with_too_few_shards_get_disjoint_molecules(nci_2
     assert len(seen[0] | seen[1]) <= 50
 
 
+def _break(shard, index, how):
+    """Damage record ``index`` of ``shard`` in place (same size): ``structure``, it no longer
+    decodes; ``vocabulary``, it decodes with the chirality of its first atom out of its vocabulary.
+    Returns the record's key."""
+    import tarfile
+
+    from flexmol.data import schema
+
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.isfile()][index]
+        raw = tar.extractfile(member).read()
+    if how == "structure":
+        at, data = member.offset_data, b"\xc1"
+    else:
+        at, data = member.offset_data + raw.index(schema.decode(raw)["atom_feat"].tobytes()) + 2, bytes([250])
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+    return member.name.partition(".")[0]
+
+
+class _Hung(Exception):
+    """Raised by the alarm (not a TimeoutError: that is an OSError, which shard reading handles)."""
+
+
+def _with_timeout(seconds, call):
+    """``call()``, or :class:`_Hung` after ``seconds`` (a stream that reads forever fails the test)."""
+    import signal
+
+    def hung(signum, frame):
+        raise _Hung(f"no answer in {seconds} s: the stream reads on without end")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        return call()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_a_shard_cut_short_by_a_damaged_tar_header_stops_the_stream_naming_it(nci_2d, tmp_path):
     """A tar header that fails its checksum ends a tar stream without an error: the records after
     it would vanish unless the count is checked against the manifest."""
@@ -237,11 +278,15 @@ def test_a_record_with_values_out_of_its_vocabulary_stops_the_stream_naming_it_o
     skipping = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0, on_bad_record="skip")
     got = batches(skipping, 20)
     assert skipping.skipped >= 1 and all(int(b["atom_feat"].max()) < 119 for b in got)
+    # the shard alone, in order, up to before its end: the record is met once and counted once
+    once = SourceStream("single_2d", [str(shard)], max_atoms=256, seed=0, shuffle_buffer=0, num_workers=0,
+                        on_bad_record="skip")
+    got = batches(once, 3)
+    assert sum(int(b["mask"].shape[0]) for b in got) + 1 < 40 and once.skipped == 1
 
 
 def test_skipping_bad_records_of_a_source_without_a_good_one_stops_rather_than_reading_forever(nci_2d, tmp_path):
     import shutil
-    import signal
     import tarfile
 
     from flexmol.data.integrity import DataError
@@ -257,14 +302,69 @@ def test_skipping_bad_records_of_a_source_without_a_good_one_stops_rather_than_r
     stream = SourceStream("single_2d", dataset_urls([str(data)]), max_atoms=256, seed=0, num_workers=0,
                           on_bad_record="skip")
 
-    def hung(signum, frame):
-        raise TimeoutError("the stream read bad records for 60 s without stopping")
+    with pytest.raises(DataError, match=r"data\.single_2d: no good record in the last \d+ records read"):
+        _with_timeout(60, lambda: next(stream))
 
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    try:
-        with pytest.raises(DataError, match=r"data\.single_2d: no good record in the last \d+ records read"):
-            next(stream)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipping_a_source_whose_records_all_decode_but_none_has_good_values_stops_with_one_line(
+        nci_2d, tmp_path, workers):
+    import shutil
+    import tarfile
+
+    from flexmol.data.integrity import DataError
+
+    data = Path(shutil.copytree(nci_2d, tmp_path / "nci2d"))
+    shard = data / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        count = sum(m.isfile() for m in tar.getmembers())
+    for i in range(count):
+        _break(shard, i, "vocabulary")
+    notes = []
+    stream = SourceStream("single_2d", [str(shard)], max_atoms=256, seed=0, shuffle_buffer=0, num_workers=workers,
+                          on_bad_record="skip", log=notes.append)
+    with pytest.raises(DataError) as err:
+        _with_timeout(30, lambda: next(stream))
+    line = str(err.value)
+    assert len(line.splitlines()) == 1
+    assert line.startswith("data.single_2d: no good record in the last ")
+    assert "atom feature out of its vocabulary" in line
+    assert notes and all("shard-000000.tar: record " in n and "atom feature out of its vocabulary" in n for n in notes)
+
+
+PLANTED = {3: "structure", 7: "vocabulary", 12: "structure", 20: "vocabulary"}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_records_are_counted_once_each_straight_and_across_a_resume(nci_2d, tmp_path, workers):
+    """Records dropped at decoding and at the batch's value check, each counted once: the count
+    of the batches taken is the number of bad records planted in the part of the shard they read
+    (its first 40 records or fewer of 49, in order), and a stream resumed after 2 or 3 batches counts
+    the same."""
+    import shutil
+
+    data = Path(shutil.copytree(nci_2d, tmp_path / "nci2d"))
+    shard = data / "shard-000000.tar"
+    keys = {_break(shard, i, how) for i, how in PLANTED.items()}
+    kw = dict(max_atoms=128, seed=0, shuffle_buffer=0, num_workers=workers, on_bad_record="skip")
+    straight = SourceStream("single_2d", [str(shard)], **kw)
+    taken = batches(straight, 6)
+    assert sum(int(b["mask"].shape[0]) for b in taken) + len(PLANTED) < 40  # all in the shard's first read
+    assert straight.skipped == len(PLANTED) == len(keys)
+    for head in (2, 3):
+        first = SourceStream("single_2d", [str(shard)], **kw)
+        batches(first, head)
+        resumed = SourceStream("single_2d", [str(shard)], taken=first.taken, **kw)
+        batches(resumed, 6 - head)
+        assert first.skipped + resumed.skipped == len(PLANTED), head
+
+
+@pytest.mark.parametrize("buffer", [0, 1])
+def test_a_shuffle_buffer_of_0_or_1_reads_the_records_in_order(nci_2d, buffer):
+    from flexmol.data.shards import read_shard
+
+    urls = dataset_urls([str(nci_2d)])[:1]
+    got = batches(SourceStream("single_2d", urls, max_atoms=256, seed=0, shuffle_buffer=buffer, num_workers=0), 2)
+    records = list(read_shard(Path(urls[0])))
+    n = int(got[0]["num_atoms"][0])
+    assert got[0]["z"][0, :n].tolist() == records[0]["z"].tolist()

@@ -125,7 +125,11 @@ def _worker_seed(offset: int):
 
 def _skip_batches(skip: int, num_workers: int, offset: int, guard: RecordGuard):
     """Pipeline stage: drop the batches this worker produced before the checkpoint. Each batch
-    takes the count of records skipped since the previous one (dropped ones were counted before)."""
+    takes the count of records skipped since the previous one was made and checked: the records
+    left out while reading up to it (those met while a dropped batch was made were counted before
+    the checkpoint; a dropped batch is not collated, so its values, checked then, are not checked
+    again). The count is read again once the batch comes back for the next one, after
+    :func:`_collate_checked` has counted the records of its own that it drops."""
 
     def stage(batches):
         _, _, worker, _ = _worker_identity(offset)
@@ -133,9 +137,9 @@ def _skip_batches(skip: int, num_workers: int, offset: int, guard: RecordGuard):
         mine = (skip - worker + workers - 1) // workers if skip > worker else 0
         counted = 0
         for i, b in enumerate(batches):
-            skipped, counted = guard.total - counted, guard.total
             if i >= mine:
-                yield b, skipped
+                yield b, guard.total - counted
+            counted = guard.total
 
     return stage
 
@@ -143,6 +147,11 @@ def _skip_batches(skip: int, num_workers: int, offset: int, guard: RecordGuard):
 def _worker_rng(seed: int, purpose: str, offset: int = 0) -> random.Random:
     """An RNG of this rank and (logical) loader worker (created inside the worker, so workers differ)."""
     return random.Random(f"{seed}/{_worker_seed(offset)()}/{purpose}")
+
+
+def _in_order(samples):
+    """Pipeline stage: the samples as they come (``shuffle_buffer`` 0 or 1)."""
+    return samples
 
 
 def _shuffle(bufsize: int, seed: int, offset: int = 0):
@@ -218,7 +227,9 @@ def _collate_checked(guard: RecordGuard, max_spd: int, max_path: int):
     """Pipeline stage: collate each (records, skipped) pair and check the batch's values. A batch
     that fails is checked record by record: a bad record stops the run, or (skip) is dropped and
     counted and the others make the batch; a batch left empty goes on as an empty one carrying its
-    count, so that the position in the stream stays the same."""
+    count and notes, so that the position in the stream stays the same. A batch that holds records
+    ends the guard's run of records without a good one (:meth:`RecordGuard.delivered`): a source
+    whose records all decode but none has values the model can take stops at the guard's limit."""
 
     def stage(pairs):
         for records, skipped in pairs:
@@ -240,8 +251,9 @@ def _collate_checked(guard: RecordGuard, max_spd: int, max_path: int):
                                                    f"not collate {why}", count=len(good))
                 skipped += guard.total - before
                 if batch is None:
-                    yield {"skipped_records": skipped}
+                    yield {"skipped_records": skipped, "skip_notes": dict(guard.notes)}
                     continue
+            guard.delivered()
             batch["skipped_records"] = skipped
             if skipped:
                 batch["skip_notes"] = dict(guard.notes)
@@ -276,7 +288,7 @@ def source_pipeline(urls: Sequence[str], *, max_atoms: int, seed: int, shuffle_b
         wds.ResampledShards(list(urls), seed=seed, deterministic=True, worker_seed=_worker_seed(offset)),
         guard.read,
         split_samples(urls, num_workers, offset),
-        _shuffle(shuffle_buffer, seed, offset) if shuffle_buffer > 1 else wds.identity,
+        _shuffle(shuffle_buffer, seed, offset) if shuffle_buffer > 1 else _in_order,
         guard.decode,
         sample_conformer(seed, offset),
         _budget(max_atoms),

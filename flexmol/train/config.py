@@ -37,7 +37,7 @@ class DataSection:
     single_3d: List[str] = field(default_factory=list)
     max_atoms: int = 2048  # padded atoms per batch
     num_workers: int = 2  # loader workers per source
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # records shuffled per loader worker; 0 or 1: read in order
     # sha256 of every shard against its manifest at start-up (sizes are always checked). About a
     # second per GB, shared by the ranks (measured: flexmol/data/integrity.py); false skips it.
     verify_checksums: bool = True

@@ -5,6 +5,8 @@ the trainer's client state (step and every stream's position). Per-step randomne
 coordinate noise) comes from a generator seeded by (seed, step, rank), so no RNG state needs saving
 and a resumed run draws exactly what the uninterrupted one would have. ``metrics.jsonl`` holds each
 step once: a resumed run first drops the records of the steps after its checkpoint (it redoes them).
+A run stopped by a signal on a validation step checkpoints before validating; the run that resumes
+from that checkpoint validates its step first.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,8 +139,9 @@ def check_output_dir(path: Path) -> None:
         fail(f"is not writable ({exc.strerror or exc})")
 
 
-def _checksum_gather(world: int):
-    """Every rank's list of findings, for :func:`flexmol.data.integrity.verify_checksums`."""
+def _object_gather(world: int):
+    """A function of an object giving every rank's one, in rank order (the findings of
+    :func:`flexmol.data.integrity.verify_checksums`, a bad record met while training)."""
     def gather(items):
         if torch.cuda.is_available():  # the NCCL object collective runs on this rank's device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -186,7 +190,7 @@ class Pretrainer:
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if cfg.data.verify_checksums:
             started = time.perf_counter()
-            verify_checksums(shards, self.rank, self.world, _checksum_gather(self.world))
+            verify_checksums(shards, self.rank, self.world, _object_gather(self.world))
             if self.rank == 0:
                 print(f"[pretrain] sha256 of {len(shards)} shard(s), {sum(s['bytes'] for s in shards) / 1e6:.1f} MB: "
                       f"as in their manifests ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -202,7 +206,16 @@ class Pretrainer:
         # (ZeRO 1/2) and partitions (ZeRO 3) are made from it.
         target = self._resume_target()
         if cfg.init_from and target is None:
-            state, self.init_source = initial_weights(Path(cfg.init_from), model)
+            from flexmol.model.export import UnverifiedExportWarning
+
+            with warnings.catch_warnings(record=True) as caught:  # said once, by rank 0, in one line
+                warnings.simplefilter("always", UnverifiedExportWarning)
+                state, self.init_source = initial_weights(Path(cfg.init_from), model)
+            for w in caught:
+                if not issubclass(w.category, UnverifiedExportWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                elif self.rank == 0:
+                    print(f"[pretrain] warning: {w.message}", file=sys.stderr, flush=True)
             try:
                 model.load_state_dict(state, strict=True)
             except RuntimeError:
@@ -260,6 +273,8 @@ class Pretrainer:
             self.schedule, t.seed, step=self.step * t.grad_accum, grad_accum=t.grad_accum)
         self._valid_batches: dict[str, list[dict]] | None = None
         self._stop = False
+        # the checkpoint's step is a validation step whose validation a stop signal cut out
+        self._validation_due = bool(client and client.get("validation_due"))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _resume_target(self) -> tuple[Path, str] | None:
@@ -328,7 +343,8 @@ class Pretrainer:
     def save(self) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step:08d}",
                                     client_state={"step": self.step, "stream": self.stream.state_dict(),
-                                                  "seen": dict(self.seen), "skipped": dict(self.skipped)})
+                                                  "seen": dict(self.seen), "skipped": dict(self.skipped),
+                                                  "validation_due": self._validation_due})
 
     def _saved_step(self) -> str:
         try:
@@ -370,21 +386,28 @@ class Pretrainer:
         stopped = False  # agreed by every rank (the signal handler's flag is this rank's only)
         nonfinite = 0  # optimizer steps in a row with a loss that is not finite
         try:
+            if self._validation_due:  # the validation of the checkpoint's step, stopped before it ran
+                self.validate()
+                self._validation_due = False
             while self.step < last:
                 started = time.perf_counter()
-                wait = 0.0
                 sums: dict[str, torch.Tensor] = {}
                 computed: dict[str, int] = {}
                 # molecules per source, skipped records per source, atoms, stop
                 counts = torch.zeros(2 * len(SOURCE_NAMES) + 2, dtype=torch.float64)
                 skipped_before = {k: s.skipped for k, s in self.stream.sources.items()}
+                # every micro-batch of the step first: bad data met by any rank stops every rank
+                # here, before the step's first collective (contrastive negatives, ZeRO reductions)
+                drawn, failure = [], None
                 for micro in range(t.grad_accum):
-                    w0 = time.perf_counter()
                     try:
-                        _, source, batch = next(self.stream)
+                        drawn.append(next(self.stream)[1:])
                     except DataError as exc:
-                        raise DataError(f"{exc} (stopped in step {self.step + 1})") from None
-                    wait += time.perf_counter() - w0
+                        failure = str(exc)
+                        break
+                wait = time.perf_counter() - started
+                self._agree_on_data(failure)
+                for micro, (source, batch) in enumerate(drawn):
                     counts[SOURCE_NAMES.index(source)] += batch["mask"].shape[0]
                     counts[-2] += int(batch["num_atoms"].sum())  # still on the host: no device sync
                     gen = torch.Generator(device=self.device).manual_seed(
@@ -437,13 +460,15 @@ class Pretrainer:
                         f"{nonfinite} step(s) in a row (train.max_nonfinite_steps): the run diverged (train.lr "
                         f"{t.lr:g}; a lower train.lr or a longer train.warmup_steps may help); nothing saved after "
                         f"{self._saved_step()}")
+                v = self.cfg.validation
+                due = bool(v.every) and self.step % v.every == 0 and self.step < t.max_steps
                 if counts[-1] > 0:  # a rank was asked to stop: all ranks checkpoint this step and exit
                     stopped = True
+                    self._validation_due = due  # left to the run that resumes from the checkpoint
                     if self.rank == 0:
                         print(f"\n[pretrain] stop signal: checkpointing step {self.step} on every rank", flush=True)
                     break
-                v = self.cfg.validation
-                if v.every and self.step % v.every == 0 and self.step < t.max_steps:
+                if due:
                     self.validate()
                 if self.step % t.save_every == 0 and self.step < last and not nonfinite:
                     self.save()
@@ -464,6 +489,22 @@ class Pretrainer:
             if self._wandb_run is not None:
                 self._wandb_run.finish()
         return history
+
+    def _agree_on_data(self, failure: str | None) -> None:
+        """Whether any rank's stream met data it cannot train on (``failure``: this rank's
+        :class:`DataError` message, or None), agreed by one all-reduce of a flag: if one did, every
+        rank raises the same one-line :class:`DataError`, the lowest such rank's."""
+        where = ""
+        if self.world > 1:
+            flag = torch.tensor([float(failure is not None)], device=self.device)
+            torch.distributed.all_reduce(flag)
+            if not flag.item():
+                return
+            messages = _object_gather(self.world)(failure)
+            rank, failure = next((r, m) for r, m in enumerate(messages) if m is not None)
+            where = f", read by rank {rank}"
+        if failure is not None:
+            raise DataError(f"{failure} (stopped in step {self.step + 1}{where})")
 
     def _reduce(self, sums: dict[str, torch.Tensor], counts: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         """One all-reduce per step: every loss averaged over the ranks, molecule and atom counts
@@ -622,7 +663,9 @@ def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor]
     model so that the optimizer's fp32 copies (ZeRO 1/2) and partitions (ZeRO 3) are made from
     them: the run's export (``model.safetensors`` in ``path`` or ``path/export``), else the module
     weights of its latest checkpoint (written whole by ZeRO 1 and 2). Model only: optimizer,
-    schedule and streams start afresh."""
+    schedule and streams start afresh. An export's bytes are checked against its checksums.json
+    (an :class:`~flexmol.model.export.UnverifiedExportWarning` when it has none), and weights that
+    are not finite numbers are refused, as :func:`flexmol.load_pretrained` does."""
     if not path.is_dir():
         raise ConfigError(f"config key 'init_from': {path} {'is not a directory' if path.exists() else 'does not exist'}"
                           " (a stage-1 output_dir, its export/ or checkpoints/)")
@@ -630,14 +673,22 @@ def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor]
     if export is not None:
         from safetensors.torch import load_file
 
-        from flexmol.model.export import verify_export
+        from flexmol.model.export import CHECKSUMS, ExportError, UnverifiedExportWarning, verify_export
 
         try:
-            verify_export(export.parent)  # the bytes the run wrote (checksums.json), before trusting them
-            return load_file(export), export
+            verified = verify_export(export.parent)  # the bytes the run wrote, before trusting them
+        except ExportError as exc:
+            raise ConfigError(f"config key 'init_from': {exc}") from None
+        try:
+            state = load_file(export)
         except Exception as exc:  # noqa: BLE001 -- whatever the file holds: one line, not a traceback
             raise ConfigError(f"config key 'init_from': {export} is not a readable safetensors file "
                               f"({_first_line(exc)})") from None
+        if not verified:
+            warnings.warn(f"config key 'init_from': {export.parent} has no {CHECKSUMS} (written before exports carried "
+                          "checksums, or its writing was cut short); its weights load unverified",
+                          UnverifiedExportWarning, stacklevel=2)
+        return _finite(state, export), export
     ckpt = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not (ckpt / "latest").is_file():
         raise ConfigError(f"config key 'init_from': {path} holds no model.safetensors and no checkpoint (no latest)")
@@ -663,7 +714,17 @@ def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor]
     if any(k not in saved or saved[k].shape != shape for k, shape in shapes.items()):
         raise ConfigError(f"config key 'init_from': {file} does not hold this model's weights whole (a ZeRO-3 "
                           f"checkpoint, or another model size); start from the run's export/ (written when it finishes)")
-    return {k: saved[k] for k in shapes}, ckpt / tag
+    return _finite({k: saved[k] for k in shapes}, file), ckpt / tag
+
+
+def _finite(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """``state``, refused (naming a tensor and the file, as :func:`flexmol.load_pretrained` does)
+    when a floating-point tensor holds NaN or infinite values."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"config key 'init_from': {file}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. "
+                          f"{bad[0]}); the run that wrote it diverged")
+    return state
 
 
 def find_export(path: Path) -> Path | None:
