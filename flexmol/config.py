@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,13 @@ def _fail(key: str, why: str) -> None:
     raise ConfigError(f"config key '{key}': {why}")
 
 
+# Upper bounds the config schema does not state: past them a value is a typo, or runs out of memory
+# or time inside RDKit (which takes C integers) rather than failing with the key named.
+MAX_CONFORMERS = 1000
+MAX_SECONDS = 1e6
+MAX_EMBED_ATTEMPTS = 100
+
+
 def validate_featurizer(cfg: FeaturizerConfig, prefix: str = "featurizer") -> None:
     from rdkit import Chem
 
@@ -121,6 +129,19 @@ def validate_featurizer(cfg: FeaturizerConfig, prefix: str = "featurizer") -> No
         _fail(f"{prefix}.hard_timeout_s", "time limits must be positive")
     if cfg.embed_max_attempts < 1:
         _fail(f"{prefix}.embed_max_attempts", "must be at least 1")
+    # upper bounds: a value past them hangs a job or turns every molecule into a time-limit reject
+    if not cfg.elements:
+        _fail(f"{prefix}.elements", "is empty: no molecule could be accepted")
+    if cfg.num_conformers > MAX_CONFORMERS:
+        _fail(f"{prefix}.num_conformers", f"{cfg.num_conformers} is more than {MAX_CONFORMERS} conformers per molecule")
+    for key in ("embed_timeout_s", "hard_timeout_s"):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+            _fail(f"{prefix}.{key}", f"{value} is not a number of seconds between 0 and {MAX_SECONDS:g}")
+    if cfg.embed_max_attempts > MAX_EMBED_ATTEMPTS:
+        _fail(f"{prefix}.embed_max_attempts", f"{cfg.embed_max_attempts} is more than {MAX_EMBED_ATTEMPTS}")
+    if cfg.mmff_max_iters < 0:
+        _fail(f"{prefix}.mmff_max_iters", "cannot be negative")
 
 
 def validate_featurize(cfg: FeaturizeConfig) -> None:

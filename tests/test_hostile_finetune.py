@@ -596,3 +596,20 @@ def test_finetune_help_reads_no_config_and_shows_the_packaged_defaults(monkeypat
 
     monkeypatch.setattr(config, "build", no_build)
     cli.add_arguments(argparse.ArgumentParser())  # building the parser (every command does) reads no file
+
+
+@pytest.mark.parametrize("override, key", [
+    ("featurizer.num_conformers=5000", "featurizer.num_conformers"),
+    ("featurizer.hard_timeout_s=1e30", "featurizer.hard_timeout_s"),
+    ("featurizer.elements=[]", "featurizer.elements"),
+])
+def test_finetune_checks_the_featurizer_limits_featurisation_checks(tmp_path, capsys, override, key):
+    from flexmol.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("smiles,y\nCCO,1\nCCN,0\n")
+    rc = main(["finetune", "--data", str(data), "--target", "y", "--baselines", "ecfp_rf",
+               "--out", str(tmp_path / "o"), override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"'{key}'" in err, err
+    assert not (tmp_path / "o").exists()
