@@ -49,3 +49,19 @@ def qm9_rows(data_dir):
     except DatasetUnavailable as exc:
         pytest.skip(f"QM9 wheel unavailable: {exc}")
     return list(itertools.islice(src, 400))
+
+
+def nci_molecules(nci_smi, n):
+    """The first ``n`` single-fragment NCI molecules of 5-30 heavy atoms that RDKit parses, as
+    (SMILES, RDKit molecule)."""
+    from rdkit import Chem
+
+    out = []
+    for line in open(nci_smi):
+        smi = line.split()[0]
+        mol = Chem.MolFromSmiles(smi)
+        if mol is not None and "." not in smi and 5 <= mol.GetNumHeavyAtoms() <= 30:
+            out.append((smi, mol))
+        if len(out) == n:
+            break
+    return out

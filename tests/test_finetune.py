@@ -13,6 +13,8 @@ import torch
 from rdkit import Chem
 from rdkit.Chem import Crippen
 
+from conftest import nci_molecules
+
 from flexmol import save_pretrained
 from flexmol.chem.scaffold import murcko_scaffold
 from flexmol.config import ConfigError
@@ -29,17 +31,6 @@ from flexmol.model.summary import model_config
 SHARED_BBBP = Path(__file__).resolve().parents[2] / "shared" / "data" / "moleculenet" / "BBBP.csv"
 
 
-def _nci(nci_smi, n):
-    """The first ``n`` single-fragment NCI molecules of 5-30 heavy atoms that RDKit parses."""
-    out = []
-    for line in open(nci_smi):
-        smi = line.split()[0]
-        mol = Chem.MolFromSmiles(smi)
-        if mol is not None and "." not in smi and 5 <= mol.GetNumHeavyAtoms() <= 30:
-            out.append((smi, mol))
-        if len(out) == n:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def labelled_csv(nci_smi, tmp_path_factory):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["smiles", "logp", "lipophilic", "name"])
-        for i, (smi, mol) in enumerate(_nci(nci_smi, 160)):
+        for i, (smi, mol) in enumerate(nci_molecules(nci_smi, 160)):
             logp = Crippen.MolLogP(mol)
             cls = "" if i % 7 == 3 else int(logp > 2)  # missing labels in the classification column
             w.writerow([smi, f"{logp:.3f}", cls, f"m{i}"])
@@ -75,7 +66,7 @@ def _bbbp_or_nci(nci_smi):
         with open(SHARED_BBBP) as f:
             smiles = [r["smiles"] for r in csv.DictReader(f)]
         return [s for s in smiles if Chem.MolFromSmiles(s) is not None]
-    return [s for s, _ in _nci(nci_smi, 1500)]
+    return [s for s, _ in nci_molecules(nci_smi, 1500)]
 
 
 def test_scaffold_split_is_deterministic_and_keeps_scaffolds_apart(nci_smi):

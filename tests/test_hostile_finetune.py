@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rdkit import Chem
 from rdkit.Chem import Crippen
+
+from conftest import nci_molecules
 
 import flexmol
 import flexmol.cli
@@ -26,16 +27,6 @@ from flexmol.model.export import ExportError, UnverifiedExportWarning
 TINY = ModelConfig(dim=32, heads=4, layers=1, decoder_layers=1, mm_layers=1, num_kernels=16, proj_dim=16)
 
 
-def _molecules(nci_smi, n):
-    out = []
-    for line in open(nci_smi):
-        smi = line.split()[0]
-        mol = Chem.MolFromSmiles(smi)
-        if mol is not None and "." not in smi and 5 <= mol.GetNumHeavyAtoms() <= 30:
-            out.append((smi, mol))
-        if len(out) == n:
-            break
-    return out
 
 
 def _write(path, header, rows):
@@ -49,7 +40,7 @@ def _write(path, header, rows):
 @pytest.fixture(scope="module")
 def molecules(nci_smi):
     """120 real NCI molecules with a class from RDKit's Crippen logP (logP > 2)."""
-    return [(smi, int(Crippen.MolLogP(mol) > 2), Crippen.MolLogP(mol)) for smi, mol in _molecules(nci_smi, 120)]
+    return [(smi, int(Crippen.MolLogP(mol) > 2), Crippen.MolLogP(mol)) for smi, mol in nci_molecules(nci_smi, 120)]
 
 
 @pytest.fixture
