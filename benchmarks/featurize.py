@@ -6,12 +6,20 @@ On the same real drug-like molecules (the first N of the MOSES test set):
       graph features, msgpack, shard write (the Ray task's body, in-process);
   (c) the Ray job on all cores, timed with Ray already up and, separately, including start-up;
   (d) the plain loop of (a) on all cores with multiprocessing: the machine's own parallel ceiling.
-Also: 2D-only molecules/s on one core; shard reading with batching inside 0 and 2 loader workers;
-and, with --moses-full, the whole MOSES set (1.94M) built as 2D shards through the Ray job.
+Also: 2D-only molecules/s on one core; shard reading with batching inside 0 and 2 loader workers.
 
-    .venv/bin/python benchmarks/featurize.py [--n 1000] [--n2d 20000] [--moses-full]
+    .venv/bin/python benchmarks/featurize.py [--n 1000] [--n2d 20000]
 
 Prints a table and writes benchmarks/out/featurize.json.
+
+With --moses-2d, only this: the first N MOSES molecules (or all 1.94M with ``full``) built as 2D
+shards by the Ray job on this machine's cores, as ``flexmol featurize moses --modality 2d`` builds
+them, with the driver's resident memory sampled every second (the driver alone: Ray's own
+processes and workers are other processes) and its peak from getrusage; written to
+benchmarks/out/featurize_moses2d_N.json.
+
+    .venv/bin/python benchmarks/featurize.py --moses-2d 200000
+    .venv/bin/python benchmarks/featurize.py --moses-2d full
 """
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ import itertools
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +109,7 @@ def in_process(inputs, modality: str, workdir: Path) -> float:
     t = time.perf_counter()
     s = featurize_shard(ShardSpec(0, inputs[0].index, len(inputs)), inputs, cfg, modality, str(out))
     dt = time.perf_counter() - t
-    assert s["samples"] + len(s["rejects"]) == len(inputs)
+    assert s["samples"] + s["rejected"] == len(inputs)
     return dt
 
 
@@ -136,16 +146,70 @@ def read_throughput(directory: Path, workers: int, pairs: bool, max_atoms: int =
     return count / (time.perf_counter() - t0), count, t0 - start
 
 
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def moses_2d_driver(limit: int | None, out: Path) -> dict:
+    """Build MOSES 2D (the first ``limit`` molecules, or all) with the Ray job; the driver's
+    memory: sampled every second, its getrusage peak, and what it was before the job started."""
+    cfg = config.build(config.FeaturizeConfig, {"source": "moses", "out": str(out), "modality": "2d", "limit": limit,
+                                                "job": {"progress": False}})
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        t0 = time.perf_counter()
+        while not done.wait(1.0):
+            samples.append((time.perf_counter() - t0, _rss_mib()))
+
+    before = _rss_mib()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    try:
+        m = run_featurize(cfg)
+    finally:
+        done.set()
+        sampler.join()
+    wall = time.perf_counter() - t
+    rss = [r for _, r in samples] or [before]
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "limit": limit, "wall_s": round(wall, 1), "mol_per_s": round(m["counts"]["input"] / wall, 1),
+        "counts": m["counts"], "rejects_by_reason": m["rejects_by_reason"], "shards": len(m["shards"]),
+        "bytes": sum(s["bytes"] for s in m["shards"]),
+        "driver_rss_before_job_mib": round(before, 1),
+        "driver_rss_sampled_max_mib": round(max(rss), 1),
+        "driver_rss_sampled_min_mib": round(min(rss), 1),
+        "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        # every 10th sample: (seconds into the job, MiB)
+        "driver_rss_every_10s": [(round(s, 0), round(r, 1)) for s, r in samples[::10]],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="molecules for the 3D comparison")
     ap.add_argument("--n2d", type=int, default=20000, help="molecules for 2D-only and shard reading")
-    ap.add_argument("--moses-full", action="store_true", help="also build 2D shards of all 1.94M MOSES molecules")
+    ap.add_argument("--moses-2d", metavar="N|full",
+                    help="only build MOSES 2D (N molecules, or all) with the Ray job and report the driver's memory")
+    ap.add_argument("--out", type=Path, help="with --moses-2d: keep the dataset here (default: a temporary directory)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of (a) and (b)")
     ap.add_argument("--skip-3d", action="store_true")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="flexmol-bench-"))
+    if args.moses_2d:
+        limit = None if args.moses_2d == "full" else int(args.moses_2d)
+        try:
+            res = moses_2d_driver(limit, args.out or work / "moses2d")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        report(f"featurize_moses2d_{args.moses_2d}", res)
+        return
     res: dict = {"machine": f"{platform.machine()}, {cores} cores, {platform.python_version()}", "n": args.n}
     try:
         inputs = moses_test(args.n)
@@ -195,15 +259,6 @@ def main() -> None:
             assert count > 0.95 * args.n2d
             res[f"read_collate_pairs_{w}_workers_mol_s"], _, _ = read_throughput(shards2d, w, pairs=True)
         res["read_max_atoms"] = 4096
-        if args.moses_full:
-            out = work / "moses-full"
-            cfg = config.build(config.FeaturizeConfig, {"source": "moses", "out": str(out), "modality": "2d",
-                                                        "job": {"shard_size": 20000}})
-            t = time.perf_counter()
-            m = run_featurize(cfg)
-            res["moses_full"] = {"wall_s": time.perf_counter() - t, "counts": m["counts"],
-                                 "rejects_by_reason": m["rejects_by_reason"], "shards": len(m["shards"]),
-                                 "bytes": sum(s["bytes"] for s in m["shards"])}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,6 +13,7 @@ A dataset directory holds
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import IO, Iterable, Iterator, Optional
 
 from flexmol.data import schema
 
@@ -39,43 +40,93 @@ def sample_key(index: int) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_writer(path) as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO]:
+    """A file opened for writing under a temporary name next to ``path`` and renamed to it when the
+    block ends without an exception (removed otherwise): readers and a resumed job see the whole
+    file or none of it."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0
+def _ustar_template() -> bytes:
+    """The 512-byte ustar header :mod:`tarfile` writes for a shard member, with the name, size and
+    checksum fields left to fill in: mode 0444, mtime 0, owner ``flexmol``."""
+    info = tarfile.TarInfo("x")
+    info.size, info.mode, info.mtime = 0, 0o444, 0
     info.uname = info.gname = "flexmol"
-    tar.addfile(info, io.BytesIO(data))
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[0:100] = bytes(100)  # name
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    return bytes(header)
+
+
+_USTAR = _ustar_template()
+_BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+
+
+def _ustar_header(name: bytes, size: int) -> bytearray:
+    # Byte for byte what tarfile.TarInfo.tobuf(USTAR_FORMAT) makes for these fields (a test holds
+    # the two together). Writing a shard this way costs ~14 us a record, with tarfile 28-41 us
+    # (CPU time, 2,000 MOSES 2D records): ~2% of 2D featurisation saved.
+    if len(name) > 100 or size >= 8 ** 11:
+        raise ValueError(f"tar member {name!r} of {size} bytes does not fit a plain ustar header")
+    header = bytearray(_USTAR)
+    header[0:len(name)] = name
+    header[124:136] = b"%011o\0" % size
+    header[148:155] = b"%06o\0" % sum(header)
+    return header
 
 
 def _write_members(path: Path, members: Iterable[tuple[str, bytes]]) -> tuple[int, int, str]:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    count = 0
-    with open(tmp, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data in members:
-                _add_member(tar, name, data)
-                count += 1
-        raw.flush()
-        os.fsync(raw.fileno())
-    size = tmp.stat().st_size
-    digest = file_sha256(tmp)
-    os.replace(tmp, path)
-    return count, size, digest
+    """Write a tar of ``members`` to ``path`` atomically; return (members, bytes, sha256).
+
+    The layout is tarfile's stream mode (``"w|"``, ustar): a header and the data padded to 512
+    bytes per member, two zero blocks, and zeros up to a multiple of 10240 bytes. The digest is
+    taken as the bytes are written, so the file is never read back.
+    """
+    digest = hashlib.sha256()
+    count = size = 0
+    with atomic_writer(path, "wb") as f:
+        def write(data: bytes) -> None:
+            nonlocal size
+            f.write(data)
+            digest.update(data)
+            size += len(data)
+
+        for name, data in members:
+            write(_ustar_header(name.encode(), len(data)))
+            write(data)
+            if len(data) % _BLOCK:
+                write(bytes(_BLOCK - len(data) % _BLOCK))
+            count += 1
+        write(bytes(2 * _BLOCK))
+        if size % _RECORD:
+            write(bytes(_RECORD - size % _RECORD))
+        f.flush()
+        os.fsync(f.fileno())
+    return count, size, digest.hexdigest()
 
 
 def write_shard(path: Path, records: Iterable[dict]) -> tuple[int, int, str]:
     """Write records to ``path`` through a temporary file and an atomic rename, so a killed writer
     never leaves a partial shard under the final name. Returns (samples, bytes, sha256).
 
-    The tar is what ``webdataset.TarWriter`` writes, made with :mod:`tarfile` directly: importing
-    webdataset imports torch, 2.3 s of start-up for every featurisation worker (measured), and
-    writing needs nothing of it. Members carry a fixed mtime and plain ustar headers, so the tar is
-    a function of its records alone (same sha256 on any machine, resumed or not) and has one
-    header per member (pax headers would halve the read speed).
+    The tar is what ``webdataset.TarWriter`` writes, made without it: importing webdataset imports
+    torch, 2.3 s of start-up for every featurisation worker (measured), and writing needs nothing
+    of it. Members carry a fixed mtime and plain ustar headers, so the tar is a function of its
+    records alone (same sha256 on any machine, resumed or not) and has one header per member (pax
+    headers would halve the read speed).
     """
     return write_encoded_shard(path, ((rec["index"], schema.encode(rec)) for rec in records))
 
@@ -85,21 +136,24 @@ def write_encoded_shard(path: Path, encoded: Iterable[tuple[int, bytes]]) -> tup
     return _write_members(path, ((f"{sample_key(index)}.{schema.SAMPLE_EXTENSION}", data) for index, data in encoded))
 
 
-def filter_shard(path: Path, drop: set[int]) -> tuple[tuple[int, int, str], list[dict]]:
+def member_index(name: str) -> int:
+    """The input index of a shard member, from its name (``m000000042.msgpack`` -> 42)."""
+    return int(name.partition(".")[0][1:])
+
+
+def filter_shard(path: Path, drop: set[int]) -> tuple[int, int, str]:
     """Rewrite a shard without the records whose input index is in ``drop``, copying the other
-    members' bytes as they are (no decoding). Returns ((samples, bytes, sha256), dropped records)."""
-    dropped: list[dict] = []
+    members' bytes as they are (no decoding). Returns (samples, bytes, sha256). Idempotent: a
+    shard already without them is rewritten to the same bytes."""
 
     def kept():
         with tarfile.open(path, "r|") as tar:
             for member in tar:
                 data = tar.extractfile(member).read()
-                if int(member.name.partition(".")[0][1:]) in drop:
-                    dropped.append(schema.decode(data))
-                else:
+                if member_index(member.name) not in drop:
                     yield member.name, data
 
-    return _write_members(path, kept()), dropped
+    return _write_members(path, kept())
 
 
 def file_sha256(path: Path) -> str:

@@ -1,28 +1,46 @@
-"""Where featurisation tasks run: Ray (local or a cluster) or in-process."""
+"""Where the featurisation job's tasks run: Ray (local or a cluster) or in-process.
+
+Both take a task by name (a function of :mod:`flexmol.featurize.task`) and its arguments (large
+ones stored once with ``put``), and report each task's result or exception; retrying is the
+driver's decision, because a task whose worker died may have to skip the molecule that killed it.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
-from flexmol.config import FeaturizerConfig, JobConfig
-from flexmol.featurize.task import featurize_shard
+from flexmol.config import JobConfig
+from flexmol.featurize.task import featurize_shard, find_duplicates, remove_duplicates
+
+
+def task_function(name: str) -> Callable:
+    # Looked up at each call, so that what runs is what this module's names hold now.
+    return {"featurize_shard": featurize_shard, "find_duplicates": find_duplicates,
+            "remove_duplicates": remove_duplicates}[name]
 
 
 class SerialExecutor:
     """Runs each task in the calling process at submit time. For debugging and small inputs: a
-    molecule that crashes RDKit takes the whole process with it, and there is no hard time limit."""
+    molecule that crashes RDKit takes the whole process with it, and there is no hard time limit
+    (``isolated`` is False: the watchdog would end the job, not a worker)."""
 
     max_in_flight = 1
+    cpus = 1
+    isolated = False
 
     def __init__(self) -> None:
         self._done: dict[int, tuple[bool, Any]] = {}
         self._next = 0
 
-    def submit(self, spec, inputs, cfg: FeaturizerConfig, modality: str, out: str, skip: dict) -> int:
+    @staticmethod
+    def put(value: Any) -> Any:
+        return value
+
+    def submit(self, task: str, *args) -> int:
         handle, self._next = self._next, self._next + 1
         try:
-            self._done[handle] = (True, featurize_shard(spec, inputs, cfg, modality, out, skip, watchdog=False))
+            self._done[handle] = (True, task_function(task)(*args))
         except Exception as exc:  # noqa: BLE001 - reported and retried by the driver
             self._done[handle] = (False, exc)
         return handle
@@ -39,8 +57,10 @@ class SerialExecutor:
 
 
 class RayExecutor:
-    """One Ray task per shard, ``num_cpus=1`` each. Ray's own retries are off: a task whose worker
+    """One Ray task per call, ``num_cpus=1`` each. Ray's own retries are off: a task whose worker
     died is resubmitted by the driver, which first reads which molecule killed it."""
+
+    isolated = True
 
     def __init__(self, job: JobConfig) -> None:
         import ray
@@ -63,12 +83,19 @@ class RayExecutor:
                 # Unix socket paths are limited to 107 bytes: keep the session directory short.
                 kwargs["_temp_dir"] = os.environ.get("FLEXMOL_RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "flexmol-ray")
             ray.init(**kwargs)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.max_in_flight = 2 * cpus
-        self._task = ray.remote(num_cpus=1, max_retries=0)(featurize_shard)
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.max_in_flight = 2 * self.cpus
+        self._remote: dict[str, Any] = {}
 
-    def submit(self, spec, inputs, cfg: FeaturizerConfig, modality: str, out: str, skip: dict):
-        return self._task.remote(spec, inputs, cfg, modality, out, skip, True)
+    def put(self, value: Any):
+        """``value`` stored in Ray's object store (which spills to disk), passed to tasks by reference:
+        the driver keeps no slice of the input it has handed out, however many are in flight."""
+        return self.ray.put(value)
+
+    def submit(self, task: str, *args):
+        if task not in self._remote:
+            self._remote[task] = self.ray.remote(num_cpus=1, max_retries=0)(task_function(task))
+        return self._remote[task].remote(*args)
 
     def wait(self, handles: list) -> list[tuple[Any, bool, Any]]:
         ready, _ = self.ray.wait(handles, num_returns=1)
@@ -76,9 +103,7 @@ class RayExecutor:
         for ref in ready:
             try:
                 results.append((ref, True, self.ray.get(ref)))
-            except self.ray.exceptions.RayTaskError as exc:  # a Python exception inside the task
-                results.append((ref, False, exc))
-            except self.ray.exceptions.RayError as exc:  # the worker (or its node) died
+            except self.ray.exceptions.RayError as exc:  # an exception inside the task, or its worker (or node) died
                 results.append((ref, False, exc))
         return results
 
