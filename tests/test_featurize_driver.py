@@ -122,9 +122,8 @@ def assert_same_dataset(out: Path, ref: dict) -> None:
 
 @pytest.mark.parametrize("keys_per_task", [10 ** 9, 7], ids=["one-search-task", "many-search-tasks"])
 def test_the_dataset_is_byte_for_byte_the_sequential_reference(source, reference, tmp_path, monkeypatch, keys_per_task):
-    monkeypatch.setattr(job, "KEYS_PER_TASK", keys_per_task)
     logs = []
-    run_featurize(cfg_for(source, tmp_path / "out"), log=logs.append)
+    run_featurize(cfg_for(source, tmp_path / "out", dedup_keys_per_task=keys_per_task), log=logs.append)
     assert reference["counts"]["input"] == 727 and dict(reference["rejects_by_reason"])["duplicate"] > 100
     assert_same_dataset(tmp_path / "out", reference)
     line = next(line for line in logs if "searched for duplicates" in line)
@@ -159,7 +158,6 @@ class Killed(BaseException):
 def test_a_job_killed_in_any_phase_resumes_to_the_same_dataset(source, reference, tmp_path, monkeypatch, phase, nth):
     from flexmol.featurize import executors
 
-    monkeypatch.setattr(job, "KEYS_PER_TASK", 100)  # 6 duplicate searches
     calls = Counter()
 
     def dies(real):
@@ -177,11 +175,11 @@ def test_a_job_killed_in_any_phase_resumes_to_the_same_dataset(source, reference
         monkeypatch.setattr(executors, "task_function", lambda t: dies(real(t)) if t == phase else real(t))
     out = tmp_path / "out"
     with pytest.raises(Killed):
-        run_featurize(cfg_for(source, out), log=lambda s: None)
+        run_featurize(cfg_for(source, out, dedup_keys_per_task=100), log=lambda s: None)
     assert not (out / "manifest.json").exists()
     monkeypatch.undo()
     logs = []
-    run_featurize(cfg_for(source, out), log=logs.append)
+    run_featurize(cfg_for(source, out, dedup_keys_per_task=100), log=logs.append)
     assert_same_dataset(out, reference)
     assert any("finished shard(s) found and kept" in line for line in logs), logs
 
@@ -235,6 +233,9 @@ class ProcessExecutor:
             return [(handle, False, exc)]
 
     def is_worker_death(self, exc):
+        return False
+
+    def is_node_loss(self, exc):
         return False
 
     def close(self):
@@ -324,3 +325,49 @@ def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
     kept = [m for m in members if m[0] not in drop]
     assert filter_shard(path, drop)[0] == len(kept) and path.read_bytes() == _tar(kept)
     assert filter_shard(path, drop)[0] == len(kept) and path.read_bytes() == _tar(kept)  # idempotent
+
+
+class NodeLost(RuntimeError):
+    """What a task returns when its machine goes away (Ray's NodeDiedError)."""
+
+
+def test_a_lost_node_is_retried_without_blaming_a_molecule(source, reference, tmp_path, monkeypatch):
+    # every shard task's first two tries end with the node lost, after the task reported a molecule
+    # started: with crash_retries_per_molecule=0 a worker death would reject that molecule
+    from flexmol.featurize import executors
+
+    class LosesNodes(executors.SerialExecutor):
+        lost = Counter()
+
+        def submit(self, name, *args):
+            if name == "featurize_shard" and self.lost[args[0].shard_id] < 2:
+                self.lost[args[0].shard_id] += 1
+                handle, self._next = self._next, self._next + 1
+                self._done[handle] = (False, NodeLost("node died"))
+                return handle
+            return super().submit(name, *args)
+
+        @staticmethod
+        def is_worker_death(exc):
+            return isinstance(exc, NodeLost)
+
+        @staticmethod
+        def is_node_loss(exc):
+            return isinstance(exc, NodeLost)
+
+    monkeypatch.setattr(job, "make_executor", lambda cfg: LosesNodes())
+    monkeypatch.setattr(job, "last_started", lambda out, shard_id: 0)
+    logs = []
+    run_featurize(cfg_for(source, tmp_path / "out", crash_retries_per_molecule=0, task_retries=0), log=logs.append)
+    assert_same_dataset(tmp_path / "out", reference)
+    assert sum("node was lost" in line for line in logs) == 2 * len(LosesNodes.lost) > 0
+
+
+def test_a_relative_out_on_a_ray_cluster_is_refused(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.chdir(tmp_path)
+    cfg = config.build(config.FeaturizeConfig, {"source": str(source), "out": "relative/out", "modality": "2d",
+                                                "job": {"executor": "ray", "progress": False}})
+    with pytest.raises(job.FeaturizeError, match="absolute path on storage every node sees"):
+        run_featurize(cfg, log=lambda s: None)
+    assert not (tmp_path / "relative").exists()

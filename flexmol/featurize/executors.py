@@ -52,6 +52,10 @@ class SerialExecutor:
     def is_worker_death(exc: BaseException) -> bool:
         return False
 
+    @staticmethod
+    def is_node_loss(exc: BaseException) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
@@ -109,6 +113,10 @@ class RayExecutor:
 
     def is_worker_death(self, exc: BaseException) -> bool:
         return isinstance(exc, self.ray.exceptions.RayError) and not isinstance(exc, self.ray.exceptions.RayTaskError)
+
+    def is_node_loss(self, exc: BaseException) -> bool:
+        """The task's node died (a machine lost or stopped): retried without blaming a molecule."""
+        return isinstance(exc, self.ray.exceptions.NodeDiedError)
 
     def close(self) -> None:
         if self._owns_ray:

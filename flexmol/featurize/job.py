@@ -48,9 +48,6 @@ from flexmol.featurize.task import (KEY_BUCKETS, SUMMARY_KEYS, ShardSpec, dups_d
 
 PLAN = "plan.json"
 DEDUPLICATED = "deduplicated"  # in parts/: written once every duplicate is removed, gone when a shard is (re)made
-# How many InChIKeys one duplicate-search task may hold (~0.3 kB each in its dict): the keys are
-# split into as many bucket ranges as the cluster has cores, or more when there are more keys.
-KEYS_PER_TASK = 500_000
 
 
 class FeaturizeError(RuntimeError):
@@ -126,8 +123,12 @@ def _check_limits(cfg: FeaturizeConfig) -> None:
         fail("job.num_cpus", f"{cfg.job.num_cpus}: must be at least 1 (or unset for all cores)")
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, cfg: FeaturizeConfig) -> None:
     """Refuse an output path that cannot become a dataset directory, before any work."""
+    if cfg.job.executor == "ray" and os.environ.get("RAY_ADDRESS") and not out.is_absolute():
+        # under `ray job submit` the driver runs in a temporary copy of the working directory
+        raise FeaturizeError(f"--out {out}: on a Ray cluster (RAY_ADDRESS is set) --out must be an absolute path "
+                             "on storage every node sees")
     if out.exists() and not out.is_dir():
         raise FeaturizeError(f"--out {out}: exists and is not a directory")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
@@ -196,7 +197,7 @@ def run_featurize(cfg: FeaturizeConfig, log: Callable[[str], None] = lambda m: p
     shard_size = cfg.job.shard_size or default_shard_size(cfg.modality)
     out = Path(cfg.out)
     plan = _plan(cfg, source.fingerprint, source.name, shard_size)
-    _check_out(out)
+    _check_out(out, cfg)
     _check_plan(out, plan)
     inputs = _read(itertools.islice(iter(source), cfg.limit))
     first = next(inputs, None)  # an empty source is refused before the directory is made
@@ -306,6 +307,10 @@ class _Runner:
             if ok:
                 done(job, value)
                 continue
+            if self.executor.is_node_loss(value):  # the machine went away, not the molecule's fault
+                self.log(f"[featurize] {job.what}: its node was lost ({type(value).__name__}); retrying")
+                pending[self.executor.submit(job.task, *job.args)] = job
+                continue
             culprit = None
             if job.spec is not None and self.executor.is_worker_death(value):
                 culprit = last_started(self.out, job.spec.shard_id)
@@ -372,7 +377,7 @@ def _deduplicate(runner: _Runner, shards: list[dict]) -> None:
     if len(shards) < 2 or (parts_dir(out) / DEDUPLICATED).exists():
         return
     records = sum(s["samples"] for s in shards)
-    tasks = min(KEY_BUCKETS, max(runner.start().cpus, -(-records // KEYS_PER_TASK)))
+    tasks = min(KEY_BUCKETS, max(runner.start().cpus, -(-records // runner.cfg.job.dedup_keys_per_task)))
     bounds = [KEY_BUCKETS * i // tasks for i in range(tasks + 1)]
     for stale in dups_dir(out).iterdir():  # found by an earlier run, maybe with other ranges
         stale.unlink()
