@@ -95,6 +95,81 @@ def cmd_shards_inspect(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _bench_source(directories: Sequence[str]) -> tuple[str, list[str], int]:
+    """(stream name, shard urls, molecules) of dataset directories of one modality, or a
+    :class:`ConfigError` naming the directory that is not a usable dataset."""
+    from flexmol.data.integrity import MODALITY_OF_SOURCE, dataset_shards, read_manifest
+    from flexmol.data.shards import MANIFEST
+
+    source_of = {m: s for s, m in MODALITY_OF_SOURCE.items()}
+    name, urls, molecules = None, [], 0
+    for directory in directories:
+        d = Path(directory)
+        if not d.is_dir() or not (d / MANIFEST).is_file():
+            why = ("no such directory" if not d.exists() else "not a directory" if not d.is_dir()
+                   else f"no {MANIFEST} (not a dataset directory, or its job has not finished)")
+            raise ConfigError(f"{d}: {why}")
+        key = str(d)  # the checks name the config key they were given: here the directory itself
+        try:
+            modality = read_manifest(d, key).get("modality")
+            if modality not in source_of:
+                raise ConfigError(f"config key '{key}': {d}: {MANIFEST} names no modality ({', '.join(source_of)})")
+            if name not in (None, source_of[modality]):
+                raise ConfigError(f"config key '{key}': {d} holds {modality} data, {directories[0]} "
+                                  f"{MODALITY_OF_SOURCE[name]}: a loader stream reads one modality")
+            shards = [s for s in dataset_shards(d, key, modality) if s["samples"]]
+        except ConfigError as exc:
+            raise ConfigError(str(exc).removeprefix(f"config key '{key}': ")) from None
+        name = source_of[modality]
+        urls += [s["url"] for s in shards]
+        molecules += sum(s["samples"] for s in shards)
+    return name, urls, molecules
+
+
+def cmd_shards_bench(args: argparse.Namespace) -> int:
+    from flexmol.data.integrity import DataError
+    from flexmol.data.loader import measure, stores_pair_tables
+    from flexmol.data.streams import SourceStream
+    from flexmol.model.summary import model_config
+    from flexmol.train.config import DataSection, ModelSection
+
+    defaults = DataSection()  # what a training run reads with, unless told otherwise
+    for key, value in (("workers", defaults.num_workers), ("max_atoms", defaults.max_atoms),
+                       ("shuffle_buffer", defaults.shuffle_buffer), ("model", ModelSection().size)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        for flag, value, least in (("--workers", args.workers, 0), ("--max-atoms", args.max_atoms, 1),
+                                   ("--shuffle-buffer", args.shuffle_buffer, 0)):
+            if value < least:
+                raise ConfigError(f"{flag} must be at least {least} (got {value})")
+        for flag, value in (("--seconds", args.seconds), ("--warmup", args.warmup)):
+            if not value >= 0 or value == float("inf") or (flag == "--seconds" and not value):
+                raise ConfigError(f"{flag} must be a positive number of seconds (got {value})")
+        name, urls, molecules = _bench_source(args.directories)
+        model = model_config(args.model, key="--model")
+    except ConfigError as exc:
+        print(f"flexmol shards bench: {exc}", file=sys.stderr)
+        return 2
+    tables = "stored" if stores_pair_tables(urls[0]) else "computed while batching (featurised before they were stored)"
+    print(f"{name}: {molecules:,} molecules in {len(urls)} shard{'' if len(urls) == 1 else 's'}; pair tables {tables}")
+    print(f"training loader: {args.workers} worker{'' if args.workers == 1 else 's'}, batches of at most "
+          f"{args.max_atoms} padded atoms, shuffle buffer {args.shuffle_buffer}, max_spd {model.max_spd}, max_path "
+          f"{model.max_path} (model {args.model})", flush=True)
+    stream = SourceStream(name, urls, max_atoms=args.max_atoms, seed=0, shuffle_buffer=args.shuffle_buffer,
+                          num_workers=args.workers, max_spd=model.max_spd, max_path=model.max_path)
+    try:
+        t = measure(stream, args.seconds, args.warmup)
+    except DataError as exc:
+        print(f"flexmol shards bench: {exc}", file=sys.stderr)
+        return 1
+    print(f"first batch after {t.first_batch_s:.1f} s, then {t.warmup_s:.1f} s of warm-up; measured over "
+          f"{t.seconds:.1f} s: {t.batches:,} batches, {t.molecules / max(t.batches, 1):.0f} molecules each")
+    per_worker = f" ({t.molecules_per_s / args.workers:,.0f} per worker)" if args.workers else ""
+    print(f"{t.molecules_per_s:,.0f} molecules/s{per_worker}, {t.atoms_per_s:,.0f} atoms/s")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flexmol.demo import DemoConfig, run_demo
 
@@ -382,6 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("directory", help="a dataset directory written by flexmol featurize")
     insp.add_argument("--no-decode", action="store_true", help="check sizes and checksums only, not every record")
     insp.set_defaults(func=cmd_shards_inspect)
+    bench = _sub(shards, "bench", "molecules/s and atoms/s of the training loader on datasets",
+                 "Run the loader pre-training reads (resampled shards, record checks, shuffle, decoding, "
+                 "atom-budget batches, 2D pair inputs, collation in the loader workers) on the datasets and print "
+                 "its steady-state molecules/s and atoms/s, to size data.num_workers against a training step. "
+                 "Exit 0 when measured, 1 when a record stops the loader, 2 when a directory is not a dataset.")
+    bench.add_argument("directories", nargs="+", metavar="DIR", help="dataset directories of one modality")
+    bench.add_argument("--workers", type=int, help="loader workers (default: the training config's data.num_workers)")
+    bench.add_argument("--seconds", type=float, default=20.0, help="measured time, after the warm-up")
+    bench.add_argument("--warmup", type=float, default=5.0, help="seconds of batches not counted, after the first")
+    bench.add_argument("--max-atoms", type=int, help="padded atoms per batch (default: data.max_atoms)")
+    bench.add_argument("--shuffle-buffer", type=int, help="records shuffled per worker (default: data.shuffle_buffer)")
+    bench.add_argument("--model", help="model preset or YAML whose max_spd and max_path the pair inputs follow "
+                                       "(default: model.size)")
+    bench.set_defaults(func=cmd_shards_bench)
 
     model = _sub(sub, "model", "the FlexMol network").add_subparsers(dest="model_command", required=True)
     summ = _sub(model, "summary", "parameters per component; last line 'total parameters: N'")

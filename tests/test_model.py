@@ -62,6 +62,9 @@ def permute_record(rec, perm):
     out["atom_feat"] = rec["atom_feat"][perm]
     out["pos"] = rec["pos"][:, perm]
     out["bond_index"] = np.sort(inv[rec["bond_index"].astype(int)], axis=1).astype(np.uint16)
+    for table in ("dist", "path_bond"):  # stored pair tables are indexed by atom on both axes
+        if table in rec:
+            out[table] = rec[table][perm][:, perm]
     return out
 
 
@@ -236,3 +239,12 @@ def test_path_edges_walk_from_j_towards_i():
     bonds = [tuple(b) for b in bi.tolist()]
     path = batch["path_edges"][0, 0, 4].tolist()  # from atom 0 to atom 4: bonds 3-4, 2-3, 1-2, 0-1
     assert [bonds[e] for e in path[:4]] == [(3, 4), (2, 3), (1, 2), (0, 1)] and path[4] == -1
+
+
+def test_a_max_spd_the_stored_distance_tables_cannot_hold_is_refused_at_build_time():
+    from flexmol.config import ConfigError
+    from flexmol.model.network import ModelConfig, validate_model
+
+    validate_model(ModelConfig(dim=8, heads=2, layers=1, max_spd=254))
+    with pytest.raises(ConfigError, match="'max_spd': must be at most 254"):
+        validate_model(ModelConfig(dim=8, heads=2, layers=1, max_spd=255))

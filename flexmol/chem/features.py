@@ -1,5 +1,5 @@
-"""2D graph features of an RDKit molecule. (Shortest paths are computed at batching time, in the
-loader workers: :func:`flexmol.data.collate.batch_shortest_paths`.)
+"""2D graph features of an RDKit molecule. (Shortest-path tables are stored with the record by
+:mod:`flexmol.chem.pairs`, or computed at batching time in the loader workers.)
 
 This is the hot loop of 2D featurisation. What costs in it is crossing into RDKit: ~0.7 us to make
 an atom or bond wrapper and 0.3-0.7 us for each accessor, on MOSES molecules of ~22 atoms and ~24

@@ -12,6 +12,7 @@ from flexmol.chem.conformers import attach_geometry, generate_conformers, molecu
 from flexmol.chem.errors import Rejected
 from flexmol.chem.features import graph_features
 from flexmol.chem.molecule import identity, parse_smiles, sanitize_or_reject, standardize
+from flexmol.chem.pairs import stored_tables
 from flexmol.config import MODALITIES, FeaturizerConfig
 from flexmol.data.schema import SCHEMA_VERSION
 
@@ -112,6 +113,8 @@ class Featurizer:
         if self.needs_graph:
             record["atom_feat"], record["bond_index"], record["bond_feat"] = graph_features(nodes)
             record["z"] = np.ascontiguousarray(record["atom_feat"][:, 0])
+            # The 2D pair inputs, stored so that the loader does not search every batch's graphs.
+            record.update(stored_tables(Chem.GetDistanceMatrix(nodes), record["bond_index"]) or {})
         else:
             record["z"] = np.array([a.GetAtomicNum() for a in nodes.GetAtoms()], dtype=np.uint8)
         if raw.labels:

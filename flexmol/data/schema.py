@@ -14,6 +14,8 @@ Schema version 1, one record per molecule:
 | ``atom_feat`` | uint8 [n, 9] | paired, 2d | categorical atom features, :mod:`flexmol.chem.vocab` |
 | ``bond_index`` | uint16 [E, 2] | paired, 2d | atom pairs of the bonds, each bond once, begin < end |
 | ``bond_feat`` | uint8 [E, 3] | paired, 2d | categorical bond features |
+| ``dist`` | uint8 [n, n] | optional, paired, 2d | bonds on a shortest path from atom i to atom j; 255 where there is none (:mod:`flexmol.chem.pairs`) |
+| ``path_bond`` | uint8 [n, n] | with ``dist`` | the bond that ends a shortest path from i at j (a row of ``bond_index``); E where there is none |
 | ``pos`` | float32 [K, n, 3] | paired, 3d | K conformers, Å |
 | ``conf_method`` | str | paired, 3d | ``etkdg+mmff``, ``etkdg`` or ``input`` (geometry given by the source) |
 | ``energy`` | float32 [K] | optional | MMFF94 energy of each conformer, kcal/mol |
@@ -21,6 +23,14 @@ Schema version 1, one record per molecule:
 | ``fragments_stripped`` | bool | optional | the input was a salt/mixture; the largest fragment was kept |
 
 Arrays are msgpack extension type 1: ``[dtype, shape, raw bytes]`` with dtype from a fixed list.
+
+``dist`` and ``path_bond`` (the 2D pair inputs, stored by the featuriser for molecules of up to
+128 atoms) joined version 1 as optional fields: a reader that predates them ignores them, and
+a record without them has its tables computed while batching (:mod:`flexmol.data.collate`).
+Datasets written before and after read alike; with nothing to refuse, there is no new version.
+:func:`validate` checks their types, shapes and ranges; that each path bond ends one step
+closer along the bonds is checked when a batch is made; and
+:func:`flexmol.chem.pairs.table_problem` checks all of their meaning, a record at a time.
 """
 from __future__ import annotations
 
@@ -42,7 +52,7 @@ REQUIRED = {
 }
 
 
-_ARRAYS = {"z": 1, "atom_feat": 2, "bond_index": 2, "bond_feat": 2, "pos": 3, "energy": 1}
+_ARRAYS = {"z": 1, "atom_feat": 2, "bond_index": 2, "bond_feat": 2, "pos": 3, "energy": 1, "dist": 2, "path_bond": 2}
 
 
 class SchemaError(ValueError):
@@ -120,9 +130,23 @@ def validate(rec: dict) -> None:
         bi = rec["bond_index"]
         if bi.ndim != 2 or bi.shape[1] != 2 or rec["bond_feat"].shape != (len(bi), 3):
             raise SchemaError("bond_index / bond_feat shapes disagree")
-        if len(bi) and (int(bi.max()) >= n or int(bi.min()) < 0):
+        if len(bi) and (int(bi.max()) >= n or (bi.dtype.kind != "u" and int(bi.min()) < 0)):
             raise SchemaError("bond_index refers to an atom that does not exist")
+    if "dist" in rec or "path_bond" in rec:
+        _validate_pair_tables(rec, n)
     if "pos" in rec:
         pos = rec["pos"]
         if pos.ndim != 3 or pos.shape[1:] != (n, 3) or pos.shape[0] < 1:
             raise SchemaError(f"pos shape {pos.shape} for {n} atoms")
+
+
+def _validate_pair_tables(rec: dict, n: int) -> None:
+    if "dist" not in rec or "path_bond" not in rec or "bond_index" not in rec:
+        raise SchemaError("dist and path_bond come together, in a record with bond_index")
+    dist, path_bond = rec["dist"], rec["path_bond"]
+    if dist.dtype != np.uint8 or dist.shape != (n, n):
+        raise SchemaError(f"dist is {dist.dtype} {dist.shape}, not uint8 ({n}, {n})")
+    if path_bond.dtype != np.uint8 or path_bond.shape != (n, n):
+        raise SchemaError(f"path_bond is {path_bond.dtype} {path_bond.shape}, not uint8 ({n}, {n})")
+    if n and int(path_bond.max()) > len(rec["bond_index"]):
+        raise SchemaError(f"path_bond refers to a bond that does not exist ({len(rec['bond_index'])} bonds)")

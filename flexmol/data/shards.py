@@ -166,7 +166,7 @@ def file_sha256(path: Path) -> str:
 
 def read_shard(path: Path, validate: bool = False) -> Iterator[dict]:
     """Records of one shard, in order. Uses the tar stream directly (no WebDataset pipeline), for
-    tools and tests; training reads through :func:`flexmol.data.loader.record_pipeline`."""
+    tools and tests; training reads through :class:`flexmol.data.streams.SourceStream`."""
     with tarfile.open(path, "r|") as tar:
         for member in tar:
             if not member.isfile():

@@ -43,6 +43,8 @@ def validate_model(cfg: ModelConfig) -> None:
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"config key '{key}': must be an integer of at least {least}, got {value!r}")
+    if cfg.max_spd > 254:  # the stored distance tables are uint8, 255 meaning "255 or more, or no path"
+        raise ConfigError(f"config key 'max_spd': must be at most 254, got {cfg.max_spd}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"config key 'dropout': must be in [0, 1), got {cfg.dropout!r}")
     if cfg.dim % cfg.heads:
