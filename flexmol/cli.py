@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=20.0, help="measured time, after the warm-up")
     bench.add_argument("--warmup", type=float, default=5.0, help="seconds of batches not counted, after the first")
     bench.add_argument("--max-atoms", type=int, help="padded atoms per batch (default: data.max_atoms)")
-    bench.add_argument("--shuffle-buffer", type=int, help="records shuffled per worker (default: data.shuffle_buffer)")
+    bench.add_argument("--shuffle-buffer", type=int, help="records per block, each block read in a seeded order (default: data.shuffle_buffer)")
     bench.add_argument("--model", help="model preset or YAML whose max_spd and max_path the pair inputs follow "
                                        "(default: model.size)")
     bench.set_defaults(func=cmd_shards_bench)

@@ -80,6 +80,7 @@ class JobConfig:
     num_cpus: Optional[int] = None  # local Ray: cores to use (all when unset)
     task_retries: int = 2  # a shard task that fails for a reason other than a molecule
     crash_retries_per_molecule: int = 1  # a molecule that kills its worker this often is rejected
+    node_loss_retries: int = 10  # a task whose node is lost (machine gone) is run again this often
     # InChIKeys one duplicate-search task may hold (~0.3 kB each): the key space is split into as
     # many bucket ranges as the cluster has cores, or more when the dataset has more keys
     dedup_keys_per_task: int = 500_000
@@ -160,8 +161,9 @@ def validate_featurize(cfg: FeaturizeConfig) -> None:
         _fail("job.executor", f"'{cfg.job.executor}' is not one of ray, serial")
     if cfg.job.shard_size < 0:
         _fail("job.shard_size", "must be positive (or 0 for the default)")
-    if cfg.job.crash_retries_per_molecule < 0 or cfg.job.task_retries < 0:
-        _fail("job.task_retries", "retries cannot be negative")
+    for key in ("task_retries", "crash_retries_per_molecule", "node_loss_retries"):
+        if getattr(cfg.job, key) < 0:
+            _fail(f"job.{key}", "retries cannot be negative")
     if cfg.job.dedup_keys_per_task < 1:
         _fail("job.dedup_keys_per_task", f"{cfg.job.dedup_keys_per_task}: must be at least 1")
     validate_featurizer(cfg.featurizer)

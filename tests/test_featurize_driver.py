@@ -243,27 +243,30 @@ class ProcessExecutor:
 
 
 def test_the_driver_holds_nothing_per_molecule(nci_smi, tmp_path, monkeypatch):
-    # 4 and 40 shards of 50 NCI inputs: 1,000 molecules (nearly all kept), then each of them again
-    # (duplicates across shards). A dict entry per record and a list entry per reject cost the
-    # driver of an earlier version 418 bytes per input here; now it keeps a summary per shard.
+    # 2, then 10 shards of 250 NCI inputs: each molecule twice (duplicates across shards). The
+    # driver holds the slice it is cutting (it grows with the shard size, not the dataset) and
+    # ~12 kB per shard (49 bytes per input at this shard size, measured); a dict entry per InChIKey
+    # or a list entry per reject cost an earlier driver ~420 bytes per input, a set of the unique
+    # keys alone would add ~55.
     import multiprocessing
 
     lines = [line for line in nci_smi.read_text().splitlines() if line.strip()]
     peaks = []
     with multiprocessing.get_context("fork").Pool(1) as pool:  # forked before tracing starts
         monkeypatch.setattr(job, "make_executor", lambda cfg: ProcessExecutor(pool))
-        for n in (100, 200, 2000):  # the first one warms up (imports, caches)
-            src = tmp_path / f"nci{n}.smi"
+        for n in (500, 500, 2500):  # the first one warms up (imports, caches)  # the first one warms up (imports, caches)
+            src = tmp_path / f"nci{len(peaks)}.smi"
             src.write_text("\n".join(lines[:n // 2] * 2) + "\n")
             tracemalloc.start(1)
             try:
-                m = run_featurize(cfg_for(src, tmp_path / f"out{n}", shard_size=50), log=lambda s: None)
+                m = run_featurize(cfg_for(src, tmp_path / f"out{len(peaks)}", shard_size=250), log=lambda s: None)
                 peaks.append(tracemalloc.get_traced_memory()[1])
             finally:
                 tracemalloc.stop()
             assert m["counts"]["input"] == n and m["rejects_by_reason"]["duplicate"] >= n // 2 - 10
-    per_input = (peaks[2] - peaks[1]) / 1800
-    assert per_input < 150, f"the driver's memory grows by {per_input:.0f} bytes per input ({peaks[1:]})"
+            assert len(m["shards"]) == n // 250
+    per_input = (peaks[2] - peaks[1]) / 2000
+    assert per_input < 75, f"the driver's memory grows by {per_input:.0f} bytes per input ({peaks[1:]})"
 
 
 def test_key_files_split_into_disjoint_bucket_ranges(tmp_path):
@@ -357,6 +360,9 @@ def test_a_lost_node_is_retried_without_blaming_a_molecule(source, reference, tm
 
     monkeypatch.setattr(job, "make_executor", lambda cfg: LosesNodes())
     monkeypatch.setattr(job, "last_started", lambda out, shard_id: 0)
+    with pytest.raises(job.FeaturizeError, match=r"lost its node 2 time\(s\) \(job.node_loss_retries=1\)"):
+        run_featurize(cfg_for(source, tmp_path / "capped", node_loss_retries=1), log=lambda s: None)
+    LosesNodes.lost.clear()
     logs = []
     run_featurize(cfg_for(source, tmp_path / "out", crash_retries_per_molecule=0, task_retries=0), log=logs.append)
     assert_same_dataset(tmp_path / "out", reference)

@@ -247,12 +247,44 @@ def test_a_shuffle_buffer_of_0_or_1_trains_on_the_records_in_order(qm9_small, tm
     ("data.mix=[{step: 0, weights: {paired: inf}}]", "data.mix", "not a finite number"),
     ("output_dir=' '", "output_dir", "is empty"),
     ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps", "at least 1"),
+    ("data.subset.paired=0", "data.subset.paired", "at least 1"),
+    ("data.subset.single_3d=5", "data.subset.single_3d", "data.single_3d gives no dataset"),
+    ("data.subset.quad=5", "data.subset.quad", "not a source"),
+    ("data.subset_seed=-1", "data.subset_seed", "at least 0"),
 ])
 def test_a_bad_config_value_is_refused_with_one_line_naming_its_key(qm9_small, tmp_path, capsys, override, key, why):
     rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", f"output_dir={tmp_path / 'o'}", override)
     line = refused(rc, err)
     assert f"'{key}'" in line and why in line
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_a_subset_larger_than_its_source_is_refused_at_start_up_naming_the_key(qm9_small, tmp_path, capsys):
+    rc, err = pretrain(capsys, *TINY, f"data.paired=[{qm9_small}]", "data.subset.paired=76",
+                       f"output_dir={tmp_path / 'o'}")
+    line = refused(rc, err)
+    assert "'data.subset.paired'" in line and "76 molecules" in line and "hold 75" in line  # one shard held out
+
+
+def test_a_checkpoint_resumes_only_a_run_that_reads_its_data_alike_and_an_older_format_is_refused(
+        qm9_small, tmp_path, capsys):
+    import torch
+
+    from flexmol.train.trainer import _checkpoint_globals
+
+    run = [*TINY, f"data.paired=[{qm9_small}]", "train.max_steps=4", f"output_dir={tmp_path / 'o'}"]
+    rc, err = pretrain(capsys, *run, "train.stop_after=2")
+    assert rc == 0, err[-3000:]
+    line = refused(*pretrain(capsys, *run, "resume=auto", "data.shuffle_buffer=7"))
+    assert "'data.shuffle_buffer'" in line and "1000" in line and "7" in line and "step-00000002" in line
+    # a checkpoint that records its streams as batches taken (no positions) cannot be continued exactly
+    states = tmp_path / "o" / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt"
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        saved = torch.load(states, weights_only=True)
+    saved["stream"] = {"step": 2, "taken": {"paired": 2}}
+    torch.save(saved, states)
+    line = refused(*pretrain(capsys, *run, "resume=auto"))
+    assert "'resume'" in line and "batches taken" in line and "init_from=" in line
 
 
 def test_a_deepspeed_config_that_is_not_json_is_refused_naming_the_key(qm9_small, tmp_path, capsys):

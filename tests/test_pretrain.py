@@ -36,6 +36,8 @@ def test_n_steps_resume_n_steps_equals_2n_steps_straight(qm9_paired, tmp_path):
     assert [r["step"] for r in first + second] == [1, 2, 3, 4, 5, 6]
     assert [r["loss/total"] for r in first + second] == [r["loss/total"] for r in straight]
     assert [r["lr"] for r in first + second] == [r["lr"] for r in straight]
+    assert [(r["seen"], r["unique"], r["passes"]) for r in first + second] == \
+        [(r["seen"], r["unique"], r["passes"]) for r in straight]
     assert straight[-1]["loss/total"] < straight[0]["loss/total"]
 
 
@@ -84,6 +86,10 @@ def test_two_ranks_train_a_one_shard_dataset_resume_exactly_and_count_every_rank
     assert [r["molecules"]["paired"] for r in straight] == [a + b for a, b in zip(*sizes)]
     assert [r["atoms"] for r in straight] == [a + b for a, b in zip(*atoms)]
     assert straight[-1]["seen"]["paired"] == sum(sizes[0]) + sum(sizes[1])
+    # unique molecules: the union of what both ranks drew, merged when logged and checkpointed
+    drawn = [set().union(*(b["records"].tolist() for b in batches)) for batches in per_rank]
+    assert straight[-1]["unique"]["paired"] == len(drawn[0] | drawn[1]) > max(len(drawn[0]), len(drawn[1]))
+    assert [(r["unique"], r["passes"]) for r in cut] == [(r["unique"], r["passes"]) for r in straight]
     # validation at two ranks: both ranks' held-out batches, the same figures as one process
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in records if r["split"] == "valid"]
@@ -554,3 +560,29 @@ def test_a_run_started_afresh_in_a_used_output_dir_sets_the_earlier_metrics_asid
     assert [r["step"] for r in _records(tmp_path / "r")] == [1, 2]
     aside = list((tmp_path / "r").glob("metrics.before-*.jsonl"))
     assert len(aside) == 1 and aside[0].read_text() == earlier
+
+
+@pytest.mark.slow
+def test_a_run_on_a_subset_logs_molecules_seen_unique_and_passes_exactly(qm9_paired, tmp_path):
+    """data.subset.paired=20 of the 150 training molecules, 8 steps of about 10: every record's
+    counts equal those of the stream replayed here, and no molecule outside the subset is drawn."""
+    import numpy as np
+
+    from flexmol.data.streams import SourceStream, permutation_rank
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    base = SMALL + [f"data.paired=[{qm9_paired}]", "train.max_steps=8", "data.subset.paired=20",
+                    "data.subset_seed=5", f"output_dir={tmp_path / 'a'}"]
+    trainer = Pretrainer(tc.load(STAGE[1], base))
+    urls = trainer.stream.sources["paired"].urls
+    history = trainer.run()
+    replay = SourceStream("paired", urls, max_atoms=256, seed=0, num_workers=0, subset=20, subset_seed=5)
+    numbers = [next(replay)["records"].tolist() for _ in range(8)]
+    seen = np.cumsum([len(n) for n in numbers]).tolist()
+    unique = [len(set().union(*numbers[:i + 1])) for i in range(8)]
+    assert [r["seen"]["paired"] for r in history] == seen
+    assert [r["unique"]["paired"] for r in history] == unique and unique[-1] == 20 < seen[-1]
+    assert [r["passes"]["paired"] for r in history] == [n / 20 for n in seen]
+    ranks = permutation_rank(np.concatenate(numbers), 150, 5)
+    assert (ranks < 20).all()

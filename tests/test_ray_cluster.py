@@ -310,7 +310,8 @@ def test_featurize_job_survives_losing_a_node(cluster, nci_smi):
     disturbed_s = time.perf_counter() - t
 
     log = log_b.read_text()
-    assert re.search(rf"\[featurize\] {lost_shard}\b.*retry", log), f"{lost_shard} was not run again\n{_tail(log_b)}"
+    assert re.search(rf"\[featurize\] {lost_shard}\b: its node was lost", log), \
+        f"{lost_shard} was not run again as a lost node\n{_tail(log_b)}"
     a, b = _dataset(cluster.root / "a"), _dataset(cluster.root / "b")
     counts = b["manifest"]["counts"]
     assert counts["input"] == n == counts["written"] + counts["rejected"], counts

@@ -54,6 +54,13 @@ def same(a, b):
     return a["z"].shape == b["z"].shape and torch.equal(a["z"], b["z"]) and torch.equal(a["atom_feat"], b["atom_feat"])
 
 
+def resumed(name, urls, state, **kw):
+    """A new stream continuing from ``state`` (another stream's ``state_dict()``)."""
+    stream = SourceStream(name, urls, **kw)
+    stream.load_state_dict(state)
+    return stream
+
+
 @pytest.mark.parametrize("workers,head", [(0, 4), (2, 4), (2, 5), (3, 3), (3, 4), (3, 5)])
 def test_a_resumed_stream_continues_the_exact_batch_sequence(nci_2d, workers, head):
     """Whatever ``taken % workers`` is: the new loader starts its round-robin at its worker 0."""
@@ -62,9 +69,9 @@ def test_a_resumed_stream_continues_the_exact_batch_sequence(nci_2d, workers, he
     straight = batches(SourceStream("single_2d", urls, **kw), 10)
     first = SourceStream("single_2d", urls, **kw)
     got = batches(first, head)
-    resumed = SourceStream("single_2d", urls, taken=first.taken, **kw)
-    got += batches(resumed, 3)  # and resumed again, at another offset
-    got += batches(SourceStream("single_2d", urls, taken=resumed.taken, **kw), 10 - head - 3)
+    second = resumed("single_2d", urls, first.state_dict(), **kw)
+    got += batches(second, 3)  # and resumed again, at another offset
+    got += batches(resumed("single_2d", urls, second.state_dict(), **kw), 10 - head - 3)
     assert len(got) == 10 and all(same(a, b) for a, b in zip(straight, got))
     assert not same(straight[0], straight[1])
     other_seed = batches(SourceStream("single_2d", urls, **{**kw, "seed": 12}), 3)
@@ -74,13 +81,14 @@ def test_a_resumed_stream_continues_the_exact_batch_sequence(nci_2d, workers, he
 def test_mixed_stream_state_round_trip(nci_2d):
     urls = dataset_urls([str(nci_2d)])
     sched = MixingSchedule([MixPoint(0, {"single_2d": 1.0})], ["single_2d"])
-    make = lambda taken=0, step=0: MixedStream(
-        {"single_2d": SourceStream("single_2d", urls, max_atoms=256, seed=3, num_workers=0, taken=taken)}, sched, 3, step)
+    make = lambda: MixedStream(
+        {"single_2d": SourceStream("single_2d", urls, max_atoms=256, seed=3, num_workers=0)}, sched, 3)
     s = make()
     out = [next(s) for _ in range(3)]
     state = s.state_dict()
-    assert state == {"step": 3, "taken": {"single_2d": 3}}
-    r = make(state["taken"]["single_2d"], state["step"])
+    assert state["step"] == 3 and state["sources"]["single_2d"]["taken"] == 3
+    r = make()
+    r.load_state_dict(state)
     step, name, batch = next(r)
     ref = make()
     ref_batches = [next(ref) for _ in range(4)]
@@ -97,6 +105,9 @@ class _Counting:
     def __next__(self):
         self.taken += 1
         return self.name
+
+    def state_dict(self):
+        return {"taken": self.taken}
 
 
 def test_mixing_schedule_follows_the_optimizer_step_under_gradient_accumulation():
@@ -160,7 +171,7 @@ def test_training_samples_one_conformer_per_molecule_per_draw_and_resumes_exactl
     assert any(len(ks) > 1 for ks in by_molecule.values())  # a molecule seen twice gets another conformer
     first = SourceStream("paired", urls, **kw)
     batches(first, 5)
-    tail = batches(SourceStream("paired", urls, taken=first.taken, **kw), 7)
+    tail = batches(resumed("paired", urls, first.state_dict(), **kw), 7)
     assert all(torch.equal(a["pos"], b["pos"]) for a, b in zip(straight[5:], tail))
     # evaluation always uses the first conformer
     fixed = fixed_batches(urls, max_atoms=128, max_molecules=40)
@@ -248,9 +259,9 @@ def test_a_shard_cut_short_by_a_damaged_tar_header_stops_the_stream_naming_it(nc
     stream = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0)
     with pytest.raises(DataError, match=r"data\.single_2d: .*shard shard-000003\.tar: 10 records read, "
                                         r"manifest\.json says 50"):
-        batches(stream, 20)
+        batches(stream, 60)  # a pass over the 8 shards
     skipping = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0, on_bad_record="skip")
-    batches(skipping, 5)
+    batches(skipping, 60)
     assert skipping.skipped >= 40 and skipping.skipped % 40 == 0  # 40 records lost per read of the shard
 
 
@@ -274,9 +285,9 @@ def test_a_record_with_values_out_of_its_vocabulary_stops_the_stream_naming_it_o
     key = member.name.partition(".")[0]
     urls = dataset_urls([str(data)])
     with pytest.raises(DataError, match=rf"shard-000000\.tar: record {key}: atom feature out of its vocabulary"):
-        batches(SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0), 20)
+        batches(SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0), 60)  # a pass over the 8 shards
     skipping = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0, on_bad_record="skip")
-    got = batches(skipping, 20)
+    got = batches(skipping, 60)
     assert skipping.skipped >= 1 and all(int(b["atom_feat"].max()) < 119 for b in got)
     # the shard alone, in order, up to before its end: the record is met once and counted once
     once = SourceStream("single_2d", [str(shard)], max_atoms=256, seed=0, shuffle_buffer=0, num_workers=0,
@@ -339,8 +350,8 @@ PLANTED = {3: "structure", 7: "vocabulary", 12: "structure", 20: "vocabulary"}
 def test_skipped_records_are_counted_once_each_straight_and_across_a_resume(nci_2d, tmp_path, workers):
     """Records dropped at decoding and at the batch's value check, each counted once: the count
     of the batches taken is the number of bad records planted in the part of the shard they read
-    (its first 40 records or fewer of 49, in order), and a stream resumed after 2 or 3 batches counts
-    the same."""
+    (its first 40 records or fewer of 49, in order), and a stream resumed after any of the first 5
+    batches counts the same."""
     import shutil
 
     data = Path(shutil.copytree(nci_2d, tmp_path / "nci2d"))
@@ -351,12 +362,12 @@ def test_skipped_records_are_counted_once_each_straight_and_across_a_resume(nci_
     taken = batches(straight, 6)
     assert sum(int(b["mask"].shape[0]) for b in taken) + len(PLANTED) < 40  # all in the shard's first read
     assert straight.skipped == len(PLANTED) == len(keys)
-    for head in (2, 3):
+    for head in range(1, 6):
         first = SourceStream("single_2d", [str(shard)], **kw)
         batches(first, head)
-        resumed = SourceStream("single_2d", [str(shard)], taken=first.taken, **kw)
-        batches(resumed, 6 - head)
-        assert first.skipped + resumed.skipped == len(PLANTED), head
+        second = resumed("single_2d", [str(shard)], first.state_dict(), **kw)
+        batches(second, 6 - head)
+        assert first.skipped + second.skipped == len(PLANTED), head
 
 
 @pytest.mark.parametrize("buffer", [0, 1])
@@ -368,3 +379,241 @@ def test_a_shuffle_buffer_of_0_or_1_reads_the_records_in_order(nci_2d, buffer):
     records = list(read_shard(Path(urls[0])))
     n = int(got[0]["num_atoms"][0])
     assert got[0]["z"][0, :n].tolist() == records[0]["z"].tolist()
+
+
+# -- resuming in constant time -----------------------------------------------------------------
+
+class _Work:
+    """Counts, in this process, the records decoded and the tar headers read."""
+
+    def __init__(self, monkeypatch):
+        import tarfile
+
+        from flexmol.data import schema
+
+        self.decoded = self.headers = 0
+        decode, step = schema.decode, tarfile.TarFile.next
+
+        def counting_decode(data):
+            self.decoded += 1
+            return decode(data)
+
+        def counting_next(tar):
+            self.headers += 1
+            return step(tar)
+
+        monkeypatch.setattr(schema, "decode", counting_decode)
+        monkeypatch.setattr(tarfile.TarFile, "next", counting_next)
+
+
+def test_resuming_reads_no_more_at_a_late_step_than_at_an_early_one(nci_2d, monkeypatch):
+    """Positions after 4 and after 200 batches (four passes over the 400 molecules): the resumed
+    stream's first batch costs one shard's headers and its own records at either."""
+    urls = dataset_urls([str(nci_2d)])  # 8 shards of 50
+    kw = dict(max_atoms=256, seed=5, shuffle_buffer=16, num_workers=0)
+    stream, states = SourceStream("single_2d", urls, **kw), {}
+    for n in range(1, 201):
+        next(stream)
+        if n in (4, 200):
+            states[n] = stream.state_dict()
+    reference = batches(SourceStream("single_2d", urls, **kw), 201)[200]
+    for n, state in states.items():
+        with monkeypatch.context() as m:
+            work = _Work(m)
+            first = next(resumed("single_2d", urls, state, **kw))
+        rows = int(first["mask"].shape[0])
+        # the batch's records, the record that ends it, and the headers of at most two shards (it may span two visits)
+        assert work.decoded <= rows + 1, (n, work.decoded, rows)
+        assert work.headers <= 2 * (50 + 1), (n, work.headers)
+    assert same(first, reference)
+
+
+# -- nested subsets and unique molecules ---------------------------------------------------------
+
+def _source_records(urls):
+    """Every record of the source, in the stream's numbering (shard order, then position)."""
+    from flexmol.data.shards import read_shard
+
+    return [r for u in urls for r in read_shard(Path(u))]
+
+
+def _seen(stream, n, records=None):
+    """The record numbers of ``n`` batches; with ``records``, each row checked against its record."""
+    out = []
+    for _ in range(n):
+        b = next(stream)
+        numbers = b["records"].tolist()
+        assert len(numbers) == b["mask"].shape[0]
+        if records is not None:
+            for i, k in enumerate(numbers):
+                assert b["z"][i, :int(b["num_atoms"][i])].tolist() == records[k]["z"].tolist()
+        out += numbers
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 64, 1000, 4097])
+def test_the_subset_permutation_is_a_bijection_of_the_record_numbers(size):
+    import numpy as np
+
+    from flexmol.data.streams import permutation_rank
+
+    ranks = permutation_rank(np.arange(size), size, seed=7)
+    assert sorted(ranks.tolist()) == list(range(size))
+    if size >= 64:
+        assert (ranks != np.arange(size)).mean() > 0.9
+        assert not np.array_equal(ranks, permutation_rank(np.arange(size), size, seed=8))
+
+
+def test_a_subset_streams_exactly_its_d_molecules(nci_2d):
+    import numpy as np
+
+    from flexmol.data.streams import permutation_rank
+
+    urls = dataset_urls([str(nci_2d)])
+    records = _source_records(urls)
+    stream = SourceStream("single_2d", urls, max_atoms=256, seed=0, shuffle_buffer=16, num_workers=0, subset=37,
+                          subset_seed=3)
+    seen = _seen(stream, 40, records)  # some 8 passes over the subset
+    expected = set(np.flatnonzero(permutation_rank(np.arange(len(records)), len(records), 3) < 37).tolist())
+    assert len(expected) == 37 and set(seen) == expected
+    assert len({records[k]["inchikey"] for k in seen}) == 37
+
+
+def test_subsets_are_nested_and_the_same_whatever_the_training_seed(nci_2d):
+    urls = dataset_urls([str(nci_2d)])
+    kw = dict(max_atoms=256, shuffle_buffer=16, num_workers=0, subset_seed=3)
+    small = {seed: set(_seen(SourceStream("single_2d", urls, seed=seed, subset=20, **kw), 30)) for seed in (1, 2)}
+    large = set(_seen(SourceStream("single_2d", urls, seed=1, subset=60, **kw), 60))
+    assert small[1] == small[2] and len(small[1]) == 20
+    assert len(large) == 60 and small[1] < large
+    other = set(_seen(SourceStream("single_2d", urls, seed=1, subset=20, **{**kw, "subset_seed": 4}), 30))
+    assert len(other) == 20 and other != small[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unique_molecules_seen_are_counted_exactly_straight_and_across_a_resume(nci_2d, workers):
+    urls = dataset_urls([str(nci_2d)])
+    records = _source_records(urls)
+    kw = dict(max_atoms=256, seed=2, shuffle_buffer=16, num_workers=workers)
+    straight = SourceStream("single_2d", urls, **kw)
+    numbers = _seen(straight, 70, records)  # more than a pass: molecules repeat
+    assert straight.coverage.merge() == len(set(numbers)) < len(numbers)
+    first = SourceStream("single_2d", urls, **kw)
+    _seen(first, 25)
+    first.coverage.merge()
+    second = resumed("single_2d", urls, first.state_dict(), **kw)
+    second.coverage.load_state_dict(first.coverage.state_dict())
+    _seen(second, 45)
+    assert second.coverage.merge() == straight.coverage.unique
+    assert torch.equal(second.coverage.state_dict(), straight.coverage.state_dict())
+
+
+def test_the_records_seen_by_two_ranks_merge_into_their_union(nci_2d, monkeypatch):
+    from flexmol.data.streams import Coverage
+
+    urls = dataset_urls([str(nci_2d)])
+    parts = []
+    for rank in (0, 1):
+        with monkeypatch.context() as m:
+            m.setenv("RANK", str(rank))
+            m.setenv("WORLD_SIZE", "2")
+            parts.append(_seen(SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0), 20))
+    coverage = Coverage(400)
+    assert coverage.merge(parts) == len(set(parts[0]) | set(parts[1]))
+    assert set(parts[0]) != set(parts[1])
+
+
+@pytest.mark.parametrize("max_atoms,n,head", [(96, 8, 1), (96, 8, 2), (96, 8, 3), (96, 8, 4), (1, 25, 10),
+                                             (1, 25, 13), (1, 25, 20)])
+def test_a_shard_cut_short_is_counted_once_per_read_straight_and_across_a_resume(nci_2d, tmp_path, max_atoms, n,
+                                                                                 head):
+    """A shard whose tar ends after 10 of its 50 records (a damaged header), read in blocks of 16:
+    each read of it costs 40 records, counted once wherever the stream was resumed: mid-read, or
+    (one molecule a batch) right after a read's last record, before the next read counts its loss."""
+    import shutil
+    import tarfile
+
+    data = Path(shutil.copytree(nci_2d, tmp_path / "nci2d"))
+    shard = data / "shard-000003.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[10]
+    with open(shard, "r+b") as f:
+        f.seek(member.offset + 108)  # the uid field of the header: its checksum fails
+        f.write(b"7777777")
+    kw = dict(max_atoms=max_atoms, seed=1, shuffle_buffer=16, num_workers=0, on_bad_record="skip")
+    straight = SourceStream("single_2d", [str(shard)], **kw)
+    expected = batches(straight, n)
+    assert straight.skipped >= 80 and straight.skipped % 40 == 0  # two reads of the shard or more
+    first = SourceStream("single_2d", [str(shard)], **kw)
+    got = batches(first, head)
+    second = resumed("single_2d", [str(shard)], first.state_dict(), **kw)
+    got += batches(second, n - head)
+    assert all(same(a, b) for a, b in zip(expected, got))
+    assert first.skipped + second.skipped == straight.skipped
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_subset_stream_continues_the_exact_batch_sequence(nci_2d, workers):
+    urls = dataset_urls([str(nci_2d)])
+    kw = dict(max_atoms=256, seed=4, shuffle_buffer=16, num_workers=workers, subset=60, subset_seed=1)
+    straight = batches(SourceStream("single_2d", urls, **kw), 12)
+    first = SourceStream("single_2d", urls, **kw)
+    got = batches(first, 5)
+    got += batches(resumed("single_2d", urls, first.state_dict(), **kw), 7)
+    assert all(same(a, b) and torch.equal(a["records"], b["records"]) for a, b in zip(straight, got))
+
+
+# -- reading shards by position ------------------------------------------------------------------
+
+def _webdataset_samples(path):
+    import webdataset as wds
+
+    return [(s["__key__"], s.get("msgpack")) for s in wds.tarfile_to_samples()([{"url": str(path)}])]
+
+
+def _tar_of(path, form, members):
+    """A tar in ``form`` (tarfile's PAX, GNU or USTAR format) of (name, bytes or None for a
+    directory) members."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=form) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+@pytest.mark.parametrize("form", ["shard", "pax", "gnu", "ustar"])
+def test_the_shard_reader_reads_by_position_what_webdataset_reads(nci_2d, tmp_path, form):
+    """Shards as written here (plain ustar headers, parsed by the reader itself) and tars of other
+    formats, with long and non-ASCII names, other members of a sample and directories (left to
+    tarfile): the same samples, keys and records, read whole or by position."""
+    import tarfile
+
+    from flexmol.data.integrity import ShardReader
+
+    if form == "shard":
+        path = nci_2d / "shard-000001.tar"
+    else:
+        long = "d" * 60 + "/" + "e" * 70  # a ustar prefix, a pax record or a GNU long name
+        members = [(f"{i:06d}.msgpack", bytes([i]) * (100 + 300 * i)) for i in range(6)]
+        members[2:2] = [("000001.json", b"{}")]  # a second member of sample 000001
+        members += [(f"{long}/000007.msgpack", b"long"), ("a-directory", None), ("caf\u00e9/000008.msgpack", b"accent"),
+                    ("000009.txt", b"no record"), ("000010.msgpack", b"plain again")]
+        path = tmp_path / f"{form}.tar"
+        _tar_of(path, {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[form],
+                members if form != "ustar" else [m for m in members if not m[0].startswith("caf")])
+    expected = _webdataset_samples(path)
+    n = len(expected)
+    reader = ShardReader(str(path), n)
+    got = reader.take(range(n))
+    assert reader.finish() is None and [got[p] for p in range(n)] == expected
+    some = [1, 3, n - 1]
+    reader = ShardReader(str(path), n)
+    assert reader.take(some) == {p: expected[p] for p in some} and reader.finish() is None
+    why = ShardReader(str(path), n + 1).finish()
+    assert why.endswith(f"{n} records read, manifest.json says {n + 1} (damaged tar)")

@@ -256,6 +256,7 @@ class _Job:
     spec: Optional[ShardSpec] = None
     skip: Optional[dict] = None
     failures: int = 0
+    node_losses: int = 0
 
 
 class _Runner:
@@ -308,7 +309,13 @@ class _Runner:
                 done(job, value)
                 continue
             if self.executor.is_node_loss(value):  # the machine went away, not the molecule's fault
-                self.log(f"[featurize] {job.what}: its node was lost ({type(value).__name__}); retrying")
+                job.node_losses += 1
+                if job.node_losses > self.cfg.job.node_loss_retries:
+                    raise FeaturizeError(f"{job.what} lost its node {job.node_losses} time(s) (job.node_loss_retries="
+                                         f"{self.cfg.job.node_loss_retries}). Finished shards are kept: rerun the "
+                                         "same command to resume.")
+                self.log(f"[featurize] {job.what}: its node was lost ({type(value).__name__}); retry "
+                         f"{job.node_losses}/{self.cfg.job.node_loss_retries}")
                 pending[self.executor.submit(job.task, *job.args)] = job
                 continue
             culprit = None

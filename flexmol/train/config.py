@@ -37,7 +37,15 @@ class DataSection:
     single_3d: List[str] = field(default_factory=list)
     max_atoms: int = 2048  # padded atoms per batch
     num_workers: int = 2  # loader workers per source
-    shuffle_buffer: int = 1000  # records shuffled per loader worker; 0 or 1: read in order
+    # Records of a shard visit are read in blocks of this many positions, each block in a seeded
+    # random order (flexmol/data/streams.py); 0 or 1: in order.
+    shuffle_buffer: int = 1000
+    # Nested data for data-scaling studies: per source, train on the first D molecules of a fixed
+    # permutation of its training records (e.g. {single_2d: 100000}), which depends on the data and
+    # subset_seed only: every run of a study sees the same D molecules, and a smaller D's are among
+    # a larger D's. No copy of the shards is made. A source not named trains on all its records.
+    subset: Dict[str, int] = field(default_factory=dict)
+    subset_seed: int = 0
     # sha256 of every shard against its manifest at start-up (sizes are always checked). About a
     # second per GB, shared by the ranks (measured: flexmol/data/integrity.py); false skips it.
     verify_checksums: bool = True
@@ -196,6 +204,13 @@ def validate(cfg: PretrainConfig) -> None:
     at_least("data.max_atoms", d.max_atoms, 1)
     at_least("data.num_workers", d.num_workers, 0)
     at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
+    at_least("data.subset_seed", d.subset_seed, 0)
+    for key, size in d.subset.items():
+        if key not in ("paired", "single_2d", "single_3d"):
+            fail(f"data.subset.{key}", "is not a source (paired, single_2d, single_3d)")
+        if not getattr(d, key):
+            fail(f"data.subset.{key}", f"data.{key} gives no dataset to take a subset of")
+        at_least(f"data.subset.{key}", size, 1)
     from flexmol.data.integrity import ON_BAD_RECORD
 
     if d.on_bad_record not in ON_BAD_RECORD:

@@ -1,12 +1,15 @@
 """The pre-training loop under DeepSpeed: both stages, mixed streams, checkpoints that resume exactly.
 
 Stateful in one place: a checkpoint holds DeepSpeed's model, optimizer and scheduler states plus
-the trainer's client state (step and every stream's position). Per-step randomness (atom masking,
-coordinate noise) comes from a generator seeded by (seed, step, rank), so no RNG state needs saving
-and a resumed run draws exactly what the uninterrupted one would have. ``metrics.jsonl`` holds each
-step once: a resumed run first drops the records of the steps after its checkpoint (it redoes them).
-A run stopped by a signal on a validation step checkpoints before validating; the run that resumes
-from that checkpoint validates its step first.
+the trainer's client state: the step, every rank's stream positions (a resumed stream seeks there,
+in a time that does not grow with the step) and the records seen. Per-step randomness (atom
+masking, coordinate noise) comes from a generator seeded by (seed, step, rank), so no RNG state
+needs saving and a resumed run draws exactly what the uninterrupted one would have. Logged
+training records count per source the molecules ``seen``, the ``unique`` ones and the ``passes``
+over the source's data (its ``data.subset``, or all of it), every rank included.
+``metrics.jsonl`` holds each step once: a resumed run first drops the records of the steps after
+its checkpoint (it redoes them). A run stopped by a signal on a validation step checkpoints before
+validating; the run that resumes from that checkpoint validates its step first.
 """
 from __future__ import annotations
 
@@ -117,6 +120,22 @@ def split_sources(cfg: PretrainConfig, shards: list | None = None
     return train, valid, notes
 
 
+def subset_notes(cfg: PretrainConfig, sources: dict[str, list[str]], shards: list[dict]) -> list[str]:
+    """``data.subset`` against the molecules of each source's training shards (``shards``: the dicts
+    of :func:`split_sources`): a :class:`ConfigError` naming the key when a subset is larger than its
+    source; otherwise a note per subset."""
+    samples = {s["url"]: s["samples"] for s in shards}
+    notes = []
+    for key, size in cfg.data.subset.items():
+        held = sum(samples[u] for u in sources.get(key, []))
+        if size > held:
+            raise ConfigError(f"config key 'data.subset.{key}': {size} molecules, but the training shards of "
+                              f"data.{key} hold {held}")
+        notes.append(f"{key}: the first {size} of its {held} molecules in a fixed permutation (data.subset.{key}, "
+                     f"data.subset_seed={cfg.data.subset_seed})")
+    return notes
+
+
 def check_output_dir(path: Path) -> None:
     """``output_dir`` is (or can be made) a writable directory; a :class:`ConfigError` naming the
     key and the path otherwise. Creates it."""
@@ -185,6 +204,7 @@ class Pretrainer:
         # what each rank can check alone comes first: a refused run starts no process group
         shards: list[dict] = []
         sources, self.valid_urls, notes = split_sources(cfg, shards)
+        notes += subset_notes(cfg, sources, shards)
         check_output_dir(self.out)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -245,7 +265,6 @@ class Pretrainer:
         self.engine.checkpoint_engine = _weights_only_engine(self.engine.checkpoint_engine)
         self.device = self.engine.device
         self.step = 0
-        taken = {k: 0 for k in sources}
         client = None
         self.resumed = target is not None
         if target is not None:
@@ -260,17 +279,21 @@ class Pretrainer:
             if self.step > t.max_steps:
                 raise ConfigError(f"config key 'train.max_steps': {t.max_steps} is before step {self.step}, where the "
                                   f"resumed checkpoint {target[0] / target[1]} stands")
-            taken.update(client["stream"]["taken"])
             self.seen.update(client.get("seen", {}))
             self.skipped.update(client.get("skipped", {}))
         d = cfg.data
         log = lambda m: print(f"[pretrain] rank {self.rank}: {m}", file=sys.stderr, flush=True)
         self.stream = MixedStream(
             {k: SourceStream(k, urls, max_atoms=d.max_atoms, seed=t.seed, shuffle_buffer=d.shuffle_buffer,
-                             num_workers=d.num_workers, taken=taken[k], max_spd=self.engine.module.cfg.max_spd,
-                             max_path=self.engine.module.cfg.max_path, on_bad_record=d.on_bad_record, log=log)
+                             num_workers=d.num_workers, max_spd=self.engine.module.cfg.max_spd,
+                             max_path=self.engine.module.cfg.max_path, on_bad_record=d.on_bad_record,
+                             subset=d.subset.get(k), subset_seed=d.subset_seed, log=log)
              for k, urls in sources.items()},
             self.schedule, t.seed, step=self.step * t.grad_accum, grad_accum=t.grad_accum)
+        for source in self.stream.sources.values():  # several ranks: their records merge when logged
+            source.coverage.deferred = self.world > 1
+        if client:
+            self._resume_streams(client, target[0] / target[1])
         self._valid_batches: dict[str, list[dict]] | None = None
         self._stop = False
         # the checkpoint's step is a validation step whose validation a stop signal cut out
@@ -322,10 +345,60 @@ class Pretrainer:
                 why = f"it holds another model's weights (not model.size '{self.cfg.model.size}')"
             raise ConfigError(f"config key 'resume': checkpoint {where} does not load: {why}") from None
         if path is None or not isinstance(client, dict) or not isinstance(client.get("step"), int) \
-                or not isinstance(client.get("stream", {}).get("taken"), dict):
+                or not isinstance(client.get("stream"), dict):
             raise ConfigError(f"config key 'resume': {where} is not a checkpoint of this trainer (no model states "
                               "or no step and stream state)")
+        if "ranks" not in client["stream"]:
+            raise ConfigError(f"config key 'resume': {where} holds its streams' state as batches taken, which this "
+                              f"version does not replay (streams resume from their positions); start a new run from "
+                              f"its weights: resume=none init_from={directory}")
         return client
+
+    def _stream_layout(self) -> dict:
+        """What the meaning of a stream position depends on, by config key: a checkpoint's
+        positions resume only a run that agrees on each."""
+        d = self.cfg.data
+        layout = {"world size": self.world, "data.num_workers": max(1, d.num_workers),
+                  "data.shuffle_buffer": max(1, d.shuffle_buffer), "train.seed": self.cfg.train.seed,
+                  "data.subset_seed": d.subset_seed}
+        for k, s in self.stream.sources.items():
+            layout[f"data.{k}"] = f"{s.plan.records} training molecules in {len(s.urls)} shards"
+            layout[f"data.subset.{k}"] = d.subset.get(k)
+        return layout
+
+    def _resume_streams(self, client: dict, where: Path) -> None:
+        """Every stream at this rank's position in ``client`` (and the records seen), after checking
+        that the run reads its data as the checkpoint's did."""
+        saved, layout = client["stream"].get("layout", {}), self._stream_layout()
+        for key, now in layout.items():
+            if key in saved and saved[key] != now:
+                name = "resume" if key == "world size" else key
+                raise ConfigError(f"config key '{name}': checkpoint {where} was written with {key} {saved[key]}, this "
+                                  f"run has {now}; the streams' positions depend on it (resume with the same, or "
+                                  "resume=none to start afresh)")
+        self.stream.load_state_dict({"step": client["stream"]["step"], "sources": client["stream"]["ranks"][self.rank]})
+        for k, bits in client.get("coverage", {}).items():
+            if k in self.stream.sources:
+                self.stream.sources[k].coverage.load_state_dict(bits)
+
+    def _merge_coverage(self) -> None:
+        """The records every rank's batches held since the last merge, added to every rank's map
+        (one gather of a few steps' record numbers), so that ``unique`` counts all ranks."""
+        sources = self.stream.sources
+        mine = {k: s.coverage.take_pending() for k, s in sources.items()}
+        parts = _object_gather(self.world)(mine) if self.world > 1 else [mine]
+        for k, s in sources.items():
+            s.coverage.merge([p[k] for p in parts])
+
+    def data_seen(self) -> dict[str, dict]:
+        """Per source: molecules seen, unique molecules seen, the molecules it can yield (its subset
+        or all its records) and passes over them (seen / those), every rank counted. Exact after
+        :meth:`_merge_coverage`."""
+        out = {}
+        for k, s in self.stream.sources.items():
+            size = s.plan.subset_records
+            out[k] = {"seen": self.seen[k], "unique": s.coverage.unique, "of": size, "passes": self.seen[k] / size}
+        return out
 
     def export(self, directory: Path | None = None) -> Path:
         """The model as safetensors + its YAML config (rank 0 writes; every rank must call)."""
@@ -341,8 +414,16 @@ class Pretrainer:
         return directory
 
     def save(self) -> None:
+        """A checkpoint of this step: DeepSpeed's states, and as client state the step, every rank's
+        stream positions (gathered: ZeRO 1 and 2 reload rank 0's client state on every rank), the
+        records seen (merged over the ranks) and the counts."""
+        self._merge_coverage()
+        state = self.stream.state_dict()
+        ranks = _object_gather(self.world)(state["sources"]) if self.world > 1 else [state["sources"]]
+        stream = {"step": state["step"], "ranks": ranks, "layout": self._stream_layout()}
+        coverage = {k: s.coverage.state_dict() for k, s in self.stream.sources.items()}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step:08d}",
-                                    client_state={"step": self.step, "stream": self.stream.state_dict(),
+                                    client_state={"step": self.step, "stream": stream, "coverage": coverage,
                                                   "seen": dict(self.seen), "skipped": dict(self.skipped),
                                                   "validation_due": self._validation_due})
 
@@ -444,10 +525,16 @@ class Pretrainer:
                 history.append(record)
                 diverged = sorted((f"loss/{k}" for k, v in mean_losses.items() if not math.isfinite(v)),
                                   key=lambda k: k != "loss/total")
+                logged = self.step % t.log_every == 0 or self.step == last or counts[-1] > 0 or bool(diverged)
+                if logged:  # the same on every rank (reduced values): the ranks merge what they saw
+                    self._merge_coverage()
+                    seen = self.data_seen()
+                    record["unique"] = {k: v["unique"] for k, v in seen.items()}
+                    record["passes"] = {k: v["passes"] for k, v in seen.items()}
                 if self.rank == 0:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss/total']:.3f}", mol_s=f"{record['molecules_per_s']:.0f}")
-                    if self.step % t.log_every == 0 or self.step == last or counts[-1] > 0 or diverged:
+                    if logged:
                         self._log(record)
                 # the same on every rank (reduced losses): all go on, or all stop without saving
                 nonfinite = nonfinite + 1 if diverged else 0
@@ -474,6 +561,10 @@ class Pretrainer:
                     self.save()
             if history or stopped:
                 self.save()
+            if self.rank == 0 and (history or stopped):
+                print("[pretrain] data seen (all ranks): " + "; ".join(
+                    f"{k} {v['seen']} molecules, {v['unique']} unique of {v['of']} ({v['passes']:.2f} passes)"
+                    for k, v in self.data_seen().items()), flush=True)
             if self.rank == 0 and any(self.skipped.values()):
                 print(f"[pretrain] data.on_bad_record=skip: bad records skipped so far (all ranks): "
                       + ", ".join(f"data.{k} {n}" for k, n in self.skipped.items() if n), file=sys.stderr, flush=True)
