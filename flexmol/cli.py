@@ -151,8 +151,15 @@ def cmd_shards_bench(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"flexmol shards bench: {exc}", file=sys.stderr)
         return 2
-    tables = "stored" if stores_pair_tables(urls[0]) else "computed while batching (featurised before they were stored)"
-    print(f"{name}: {molecules:,} molecules in {len(urls)} shard{'' if len(urls) == 1 else 's'}; pair tables {tables}")
+    if name == "single_3d":  # no graph: no pair tables
+        tables = ""
+    else:
+        first = {Path(u).parent: u for u in reversed(urls)}  # the first shard of each dataset
+        stored = {stores_pair_tables(u) for u in first.values()}
+        tables = ("; pair tables " + ("stored" if stored == {True} else "computed while batching (featurised before "
+                                      "they were stored)" if stored == {False} else "stored in some datasets, "
+                                      "computed while batching for the others"))
+    print(f"{name}: {molecules:,} molecules in {len(urls)} shard{'' if len(urls) == 1 else 's'}{tables}")
     print(f"training loader: {args.workers} worker{'' if args.workers == 1 else 's'}, batches of at most "
           f"{args.max_atoms} padded atoms, shuffle buffer {args.shuffle_buffer}, max_spd {model.max_spd}, max_path "
           f"{model.max_path} (model {args.model})", flush=True)

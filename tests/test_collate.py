@@ -229,3 +229,25 @@ def test_batches_made_in_loader_workers_are_compact_and_widen_to_the_same_batch(
         want = collate(records[start:start + 10])
         got = move(got, "cpu")
         assert all(torch.equal(want[k], got[k]) for k in want if k != "modality")
+
+
+def _chain_row(rec):
+    """Benzene's row 0 rewritten as if the ring were open between atoms 5 and 0 (distances 0..5),
+    each path bond consistent with that row: the walk checks pass, the distances are wrong."""
+    bonds = [tuple(sorted(map(int, b))) for b in rec["bond_index"]]
+    dist, pb = rec["dist"].copy(), rec["path_bond"].copy()
+    for j in range(1, 6):
+        dist[0, j] = j
+        pb[0, j] = bonds.index((j - 1, j))
+    return {**rec, "dist": dist, "path_bond": pb}
+
+
+@pytest.mark.parametrize("damage", [_chain_row, _set("dist", (0, 1), 0), _set("dist", (0, 5), 4), _stretch_dist,
+                                    _swap_path_bond], ids=["open-ring-row", "zero", "asymmetric", "stretched", "swapped"])
+def test_collate_refuses_every_table_that_is_not_its_bonds_tables(damage):
+    # (a path bond where dist has no path is never followed: harmless, and table_problem reports it)
+    rec = record(Chem.MolFromSmiles("c1ccccc1" if damage is _chain_row else "OC1CCCCC1"))
+    bad = damage(rec)
+    assert table_problem(bad)
+    with pytest.raises(ValueError, match=r"molecule '.*': its (dist|path_bond) table"):
+        collate([record(Chem.MolFromSmiles("CCO")), bad])

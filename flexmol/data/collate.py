@@ -180,13 +180,30 @@ def _steps(records, dist, path_bond, bonds, num_bonds, check: bool) -> tuple[np.
         d = dist.ravel()
         bad = (has & ~ok).ravel() | (ok.ravel() & (d[nxt] + np.uint8(1) != d))
         if bad.any():
-            r = records[int(np.flatnonzero(bad)[0]) // (n * n)]
-            name = (f"record {r['__key__']} of {Path(r['__url__']).name}" if "__url__" in r
-                    else f"molecule {r.get('id', '?')!r}")
-            raise ValueError(f"{name}: its path_bond table does not follow its bonds and dist (a path bond that "
-                             "does not end one step closer along a shortest path)")
+            raise ValueError(f"{_name(records[int(np.flatnonzero(bad)[0]) // (n * n)])}: its path_bond table does not "
+                             "follow its bonds and dist (a path bond that does not end one step closer along a "
+                             "shortest path)")
+        # With the descent above, these make dist the graph's distances (flexmol.chem.pairs.table_problem)
+        # (on the stored tables only: computed ones stop counting at max_spd)
+        stored = np.fromiter(("dist" in r for r in records), dtype=bool, count=b)
+        wrong = (dist != dist.transpose(0, 2, 1)).any(axis=(1, 2)) | ((dist == 0).sum(axis=(1, 2)) != n)
+        mol = np.repeat(np.arange(b), num_bonds)
+        both = np.concatenate(bonds).astype(np.int64) if len(mol) else np.zeros((0, 2), dtype=np.int64)
+        span = np.abs(dist[mol, :, both[:, 0]].astype(np.int16) - dist[mol, :, both[:, 1]]) > 1  # [bonds, N]
+        np.logical_or.at(wrong, mol, span.any(axis=1))
+        wrong &= stored
+        if wrong.any():
+            raise ValueError(f"{_name(records[int(np.flatnonzero(wrong)[0])])}: its dist table is not the distances "
+                             "of its bonds (not symmetric, a zero off the diagonal, or a bond spanning more than "
+                             "one step)")
     first = (np.cumsum(num_bonds) - num_bonds).astype(np.int32)[:, None, None]
     return nxt, np.where(ok, local + first, -1).ravel()
+
+
+def _name(record: dict) -> str:
+    if "__url__" in record:
+        return f"record {record['__key__']} of {Path(record['__url__']).name}"
+    return f"molecule {record.get('id', '?')!r}"
 
 
 def atom_budget_batches(records: Iterable[dict], max_atoms: int) -> Iterator[list[dict]]:
