@@ -65,11 +65,13 @@ def measure(argv: list[str]) -> None:
     def timed_log(self, record):
         if record.get("split") == "train":
             mark("step")
+            marks.setdefault("first_step", record.get("step"))
         return log(self, record)
 
     trainer.Pretrainer.run, streams.SourceStream.__next__, trainer.Pretrainer._log = timed_run, timed_draw, timed_log
     rc = main(["--config", "stage1", *argv])
     print(MARK + json.dumps({"rc": rc, **marks}), flush=True)
+    sys.exit(rc)
 
 
 def checkpoint_file(out: Path) -> Path:
@@ -144,6 +146,8 @@ def main() -> None:
                           if line.startswith(MARK)), {})
             if proc.returncode or marks.get("rc") != 0 or "step" not in marks:
                 sys.exit(f"the run resumed at step {step} failed:\n{proc.stderr[-3000:]}")
+            if marks.get("first_step") != step + 1:  # a run that found no checkpoint starts at step 1
+                sys.exit(f"the run at step {step} did not resume: its first step was {marks.get('first_step')}")
             rows.append((step, marks["step"], marks["batch"] - marks["loop"]))
         print(f"\n{'resumed at step':>16} {'start to first step (s)':>24} {'loop start to first batch (s)':>30}")
         for step, total, batch in rows:

@@ -10,7 +10,8 @@ the interval and the resident memory of the whole process tree (this process and
 workers, from /proc). At the end the stream's state is saved as a checkpoint would save it
 (``torch.save``, read back with ``weights_only=True``), a new stream is built from it, and its
 first ``--check`` batches are compared with the ones the running stream gives next; the time
-from building the resumed stream to its first batch is reported.
+from building the resumed stream to its first batch is reported (the first stream's loader
+workers are still running then, sharing the cores).
 
     .venv/bin/python benchmarks/stream_10m.py DIR [DIR ...] --samples 10000000 [--workers 2] [--every 60]
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from flexmol.cli import _bench_source
+from flexmol.config import ConfigError
 from flexmol.data.streams import MixedStream, MixingSchedule, MixPoint, SourceStream
 from flexmol.model.summary import model_config
 from flexmol.train.config import DataSection, ModelSection
@@ -89,7 +91,10 @@ def main() -> int:
     ap.add_argument("--check", type=int, default=20, help="batches compared after resuming")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "stream_10m.json")
     args = ap.parse_args()
-    name, urls, molecules = _bench_source(args.directories)
+    try:
+        name, urls, molecules = _bench_source(args.directories)
+    except ConfigError as exc:
+        sys.exit(f"stream_10m: {exc}")
     print(f"{name}: {molecules:,} molecules in {len(urls)} shards; streaming {args.samples:,} samples with "
           f"{args.workers} loader workers", flush=True)
 
@@ -114,10 +119,10 @@ def main() -> int:
             last_t, last_n = now, taken
     wall = time.perf_counter() - started
 
-    with tempfile.TemporaryDirectory() as tmp:  # the stream's state as a checkpoint holds it
+    with tempfile.TemporaryDirectory() as tmp:  # the stream's state as a checkpoint holds it, with its coverage map
         path = Path(tmp) / "stream.pt"
-        torch.save(stream.state_dict(), path)
-        state = torch.load(path, weights_only=True)
+        torch.save({"stream": stream.state_dict(), "coverage": stream.sources[name].coverage.state_dict()}, path)
+        state = torch.load(path, weights_only=True)["stream"]
         size = path.stat().st_size
     t0 = time.perf_counter()
     resumed = build(name, urls, args, state)

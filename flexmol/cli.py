@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--no-decode", action="store_true", help="check sizes and checksums only, not every record")
     insp.set_defaults(func=cmd_shards_inspect)
     bench = _sub(shards, "bench", "molecules/s and atoms/s of the training loader on datasets",
-                 "Run the loader pre-training reads (resampled shards, record checks, shuffle, decoding, "
+                 "Run the loader pre-training reads (shard visits, record checks, seeded blocks, decoding, "
                  "atom-budget batches, 2D pair inputs, collation in the loader workers) on the datasets and print "
                  "its steady-state molecules/s and atoms/s, to size data.num_workers against a training step. "
                  "Exit 0 when measured, 1 when a record stops the loader, 2 when a directory is not a dataset.")

@@ -65,3 +65,15 @@ def nci_molecules(nci_smi, n):
         if len(out) == n:
             break
     return out
+
+
+def nci_2d_dataset(directory: Path, nci_smi: Path, limit: int) -> Path:
+    """The first ``limit`` NCI inputs featurised as 2D, in shards of 50, in-process."""
+    from flexmol import config
+    from flexmol.featurize import run_featurize
+
+    out = directory / "nci2d"
+    run_featurize(config.build(config.FeaturizeConfig, {
+        "source": str(nci_smi), "out": str(out), "modality": "2d", "limit": limit,
+        "job": {"executor": "serial", "shard_size": 50, "progress": False}}), log=lambda m: None)
+    return out

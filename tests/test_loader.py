@@ -7,20 +7,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from flexmol import config
 from flexmol.cli import main as cli
 from flexmol.data import schema
 from flexmol.data.integrity import members
-from flexmol.featurize import run_featurize
+from conftest import nci_2d_dataset
 
 
 @pytest.fixture(scope="module")
 def nci_2d(tmp_path_factory, nci_smi):
-    out = tmp_path_factory.mktemp("bench") / "nci2d"
-    cfg = config.build(config.FeaturizeConfig, {"source": str(nci_smi), "out": str(out), "modality": "2d", "limit": 200,
-                                                "job": {"executor": "serial", "shard_size": 50, "progress": False}})
-    run_featurize(cfg, log=lambda m: None)
-    return out
+    return nci_2d_dataset(tmp_path_factory.mktemp("bench"), nci_smi, 200)
 
 
 def _rewrite(dataset, tmp_path, change):

@@ -7,7 +7,7 @@ import pytest
 from flexmol import config
 from flexmol.featurize import run_featurize
 
-from conftest import child_env
+from conftest import child_env, nci_2d_dataset
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -298,11 +298,7 @@ def qm9_3d(tmp_path_factory, qm9_rows):
 
 @pytest.fixture(scope="module")
 def nci_2d(tmp_path_factory, nci_smi):
-    out = tmp_path_factory.mktemp("pretrain") / "nci2d"
-    run_featurize(config.build(config.FeaturizeConfig, {
-        "source": str(nci_smi), "out": str(out), "modality": "2d", "limit": 200,
-        "job": {"executor": "serial", "shard_size": 50, "progress": False}}), log=lambda m: None)
-    return out
+    return nci_2d_dataset(tmp_path_factory.mktemp("pretrain"), nci_smi, 200)
 
 
 def _state(path):
@@ -586,3 +582,17 @@ def test_a_run_on_a_subset_logs_molecules_seen_unique_and_passes_exactly(qm9_pai
     assert [r["passes"]["paired"] for r in history] == [n / 20 for n in seen]
     ranks = permutation_rank(np.concatenate(numbers), 150, 5)
     assert (ranks < 20).all()
+
+
+@pytest.mark.slow
+def test_a_run_resumed_with_another_grad_accum_draws_its_sources_at_the_step_it_stands_at(qm9_paired, tmp_path):
+    from flexmol.train import config as tc
+    from flexmol.train.trainer import Pretrainer
+
+    base = SMALL + [f"data.paired=[{qm9_paired}]", "data.num_workers=0", "train.max_steps=6", "train.save_every=100",
+                    f"output_dir={tmp_path}"]
+    Pretrainer(tc.load(STAGE[1], base + ["train.stop_after=2"])).run()
+    resumed = Pretrainer(tc.load(STAGE[1], base + ["resume=auto", "train.grad_accum=3"]))
+    assert resumed.step == 2
+    assert resumed.stream.step == 2 * 3  # micro-batches: optimizer step 2, micro-batch 0
+    assert divmod(resumed.stream.step, resumed.stream.grad_accum) == (2, 0)

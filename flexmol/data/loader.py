@@ -1,7 +1,7 @@
 """How fast the training loader delivers batches, and one plain pass over a dataset.
 
 :func:`measure` times the stream pre-training reads (:class:`flexmol.data.streams.SourceStream`:
-resampled shards, record checks, shuffle, decoding, atom-budget batching and collation with the
+shard visits, record checks, seeded blocks, decoding, atom-budget batching and collation with the
 2D pair inputs, all inside the DataLoader workers) in its steady state, the figure to size loader
 workers by (``flexmol shards bench``).
 

@@ -4,9 +4,11 @@ batch by a schedule.
 - **Readers and shard visits.** Each rank reads a source through W = max(1, ``num_workers``)
   logical loader workers: reader ``g = rank * W + worker`` of ``G = world * W``. A reader's stream
   is a sequence of shard visits; its visit ``v`` reads shard ``P_e[q % S]`` with ``q = v * G + g``,
-  ``e = q // S`` and ``P_e`` a permutation of the source's S shards seeded by (seed, e). Within an
-  epoch ``e`` the readers share the shards out without repeats (at the same visit number they read
-  different shards, and each epoch reads every shard once), and visit ``v`` is found in O(1).
+  ``e = q // S`` and ``P_e`` a permutation of the source's S shards seeded by (seed, e). Each epoch
+  deals every shard out once among the readers, and visit ``v`` is found in O(1). Readers at the
+  same visit number read different shards within an epoch; where their visits straddle two epochs
+  (``q`` on both sides of a multiple of S), the end of one permutation may repeat the start of the
+  next, and two readers may read one shard at the same time.
 - **The records of a visit** are the shard's positions in the source's subset (below) and, when
   the source has fewer shards than readers, this reader's share (every G-th of them, so that
   readers train on disjoint molecules; a shard with fewer records than readers is read whole).

@@ -376,10 +376,21 @@ class Pretrainer:
                 raise ConfigError(f"config key '{name}': checkpoint {where} was written with {key} {saved[key]}, this "
                                   f"run has {now}; the streams' positions depend on it (resume with the same, or "
                                   "resume=none to start afresh)")
-        self.stream.load_state_dict({"step": client["stream"]["step"], "sources": client["stream"]["ranks"][self.rank]})
+        try:
+            self.stream.load_state_dict({"step": client["stream"]["step"],
+                                         "sources": client["stream"]["ranks"][self.rank]})
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ConfigError(f"config key 'resume': checkpoint {where} holds no usable stream state for rank "
+                              f"{self.rank} ({type(exc).__name__}: {exc}); resume=none starts afresh") from None
+        # the schedule's position counts micro-batches: a run resumed with another train.grad_accum
+        # draws its sources at the optimizer step it stands at (the streams' positions do not depend on it)
+        self.stream.step = self.step * self.cfg.train.grad_accum
         for k, bits in client.get("coverage", {}).items():
             if k in self.stream.sources:
-                self.stream.sources[k].coverage.load_state_dict(bits)
+                try:
+                    self.stream.sources[k].coverage.load_state_dict(bits)
+                except ValueError as exc:
+                    raise ConfigError(f"config key 'resume': checkpoint {where}: data.{k}: {exc}") from None
 
     def _merge_coverage(self) -> None:
         """The records every rank's batches held since the last merge, added to every rank's map
