@@ -1,12 +1,13 @@
-"""Molecules/s and atoms/s of the training stream (``flexmol.data.streams.SourceStream``: resampled
-shards, record checks, shuffle, decoding, atom-budget batches, collation with the 2D pair inputs,
-all in the loader workers), steady state, as pre-training consumes it: what ``flexmol shards
+"""Molecules/s and atoms/s of the training stream (``flexmol.data.streams.SourceStream``: shard
+visits, record checks, seeded blocks, decoding, atom-budget batches, collation with the 2D pair
+inputs, all in the loader workers), steady state, as pre-training consumes it: what ``flexmol shards
 bench`` prints, for several datasets and worker counts side by side. The runs alternate (each
 dataset and worker count once per round, ``--rounds`` rounds), so that a drift of a shared
 machine's speed hits every configuration alike; the table gives each run, with the CPU time the
 loader workers and the training process spent per molecule (what sizes a machine with a core per
 worker). Run it with PYTHONPATH
-set to another revision's checkout to compare revisions (it only needs ``SourceStream``).
+set to another revision's checkout to compare revisions: it needs only ``SourceStream`` and
+``MODALITY_OF_SOURCE``, hence its own timing loop rather than ``flexmol.data.loader.measure``.
 
     python benchmarks/stream.py DATASET_DIR [DATASET_DIR ...] [--workers 0 1 2] [--seconds 20]
         [--warmup 5] [--rounds 2] [--max-atoms 2048]
@@ -21,9 +22,10 @@ import platform
 import time
 from pathlib import Path
 
+from flexmol.data.integrity import MODALITY_OF_SOURCE
 from flexmol.data.streams import SourceStream, dataset_urls
 
-SOURCE = {"2d": "single_2d", "paired": "paired", "3d": "single_3d"}
+SOURCE = {modality: source for source, modality in MODALITY_OF_SOURCE.items()}
 
 
 def measure(directory: str, workers: int, seconds: float, warmup: float, max_atoms: int) -> dict:
