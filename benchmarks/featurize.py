@@ -6,7 +6,7 @@ On the same real drug-like molecules (the first N of the MOSES test set):
       graph features, msgpack, shard write (the Ray task's body, in-process);
   (c) the Ray job on all cores, timed with Ray already up and, separately, including start-up;
   (d) the plain loop of (a) on all cores with multiprocessing: the machine's own parallel ceiling.
-Also: 2D-only molecules/s on one core; shard reading with batching inside 0 and 2 loader workers.
+Also: 2D-only molecules/s on one core; the training loader (what `flexmol shards bench` runs) on 0 and 2 workers.
 
     .venv/bin/python benchmarks/featurize.py [--n 1000] [--n2d 20000]
 
@@ -128,22 +128,19 @@ def ray_job(smi_file: Path, n: int, out: Path, shard_size: int, modality: str = 
     return dt
 
 
-def read_throughput(directory: Path, workers: int, pairs: bool, max_atoms: int = 4096) -> tuple[float, int, float]:
-    """Molecules/s through the training loader: decode, atom-budget batches and collation inside
-    ``workers`` loader processes (with ``pairs``, shortest paths for the 2D pair bias too).
-    Steady state: timed from the first batch; the workers' start-up is returned apart (s)."""
-    from flexmol.data.loader import batch_loader
-    from flexmol.data.shards import shard_paths
+def read_throughput(directory: Path, workers: int, seconds: float = 10.0) -> tuple[float, float]:
+    """Molecules/s of the stream pre-training reads (:class:`~flexmol.data.streams.SourceStream`
+    with the training defaults, through :func:`flexmol.data.loader.measure`, as ``flexmol shards
+    bench`` runs it), and the seconds to its first batch."""
+    from flexmol.data.loader import measure
+    from flexmol.data.streams import SourceStream, dataset_urls
+    from flexmol.train.config import DataSection
 
-    urls = [str(p) for p in shard_paths(directory)]
-    start = time.perf_counter()
-    t0, count = None, 0
-    for b in batch_loader(urls, max_atoms, workers, pairs=pairs):
-        if t0 is None:
-            t0 = time.perf_counter()
-        else:
-            count += len(b["num_atoms"])
-    return count / (time.perf_counter() - t0), count, t0 - start
+    d = DataSection()
+    stream = SourceStream("single_2d", dataset_urls([str(directory)]), max_atoms=d.max_atoms, seed=0,
+                          shuffle_buffer=d.shuffle_buffer, num_workers=workers)
+    t = measure(stream, seconds, warmup=2.0)
+    return t.molecules_per_s, t.first_batch_s
 
 
 def _rss_mib() -> float:
@@ -253,12 +250,8 @@ def main() -> None:
         smi2d.write_text("".join(f"{r.text} {r.id}\n" for r in inputs2d))
         shards2d = work / "ray2d"
         res["twod_ray_job_mol_s"] = args.n2d / ray_job(smi2d, args.n2d, shards2d, max(1, args.n2d // 8), "2d", warm=False)
-        for w in (0, 2):
-            res[f"read_{w}_workers_mol_s"], count, res[f"read_{w}_workers_first_batch_s"] = read_throughput(
-                shards2d, w, pairs=False)
-            assert count > 0.95 * args.n2d
-            res[f"read_collate_pairs_{w}_workers_mol_s"], _, _ = read_throughput(shards2d, w, pairs=True)
-        res["read_max_atoms"] = 4096
+        for w in (0, 2):  # the training loader, as `flexmol shards bench` measures it
+            res[f"read_{w}_workers_mol_s"], res[f"read_{w}_workers_first_batch_s"] = read_throughput(shards2d, w)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
