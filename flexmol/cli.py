@@ -554,12 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
                           help=f.metadata.get("help"))
     demo.set_defaults(func=cmd_demo)
+
+    from flexmol.scaling.cli import add_parsers as scaling_parsers
+
+    scaling_parsers(sub, _sub)
     return parser
 
 
 def _command(args: argparse.Namespace) -> str:
     """``flexmol VERB [SUBVERB]``, as the user typed it."""
-    sub = next((getattr(args, k) for k in ("shards_command", "model_command", "evaluate_command")
+    sub = next((getattr(args, k) for k in ("shards_command", "model_command", "evaluate_command", "scaling_command")
                 if getattr(args, k, None)), None)
     return " ".join(["flexmol", args.command] + ([sub] if sub else []))
 

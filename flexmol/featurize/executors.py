@@ -60,6 +60,29 @@ class SerialExecutor:
         pass
 
 
+def init_ray(num_cpus: int | None, env_vars: dict[str, str]) -> bool:
+    """Connect to Ray unless this process already has: the cluster ``RAY_ADDRESS`` names, or a local
+    Ray with ``num_cpus`` (None: every core); ``env_vars`` are set in every worker. True when this
+    call started the connection (the caller shuts it down)."""
+    import ray
+
+    # Ray >= 2.50 writes an auth token to ~/.ray unless told not to; a local job needs none.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True,
+                                  runtime_env={"env_vars": {**env_vars, "RAY_AUTH_MODE": "disabled"}})
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = num_cpus
+        # Unix socket paths are limited to 107 bytes: keep the session directory short.
+        kwargs["_temp_dir"] = os.environ.get("FLEXMOL_RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "flexmol-ray")
+    ray.init(**kwargs)
+    return True
+
+
 class RayExecutor:
     """One Ray task per call, ``num_cpus=1`` each. Ray's own retries are off: a task whose worker
     died is resubmitted by the driver, which first reads which molecule killed it."""
@@ -70,23 +93,7 @@ class RayExecutor:
         import ray
 
         self.ray = ray
-        # Ray >= 2.50 writes an auth token to ~/.ray unless told not to; a local job needs none.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            address = os.environ.get("RAY_ADDRESS")
-            kwargs: dict[str, Any] = dict(
-                include_dashboard=False,
-                log_to_driver=True,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}},
-            )
-            if address:
-                kwargs["address"] = address
-            else:
-                kwargs["num_cpus"] = job.num_cpus
-                # Unix socket paths are limited to 107 bytes: keep the session directory short.
-                kwargs["_temp_dir"] = os.environ.get("FLEXMOL_RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "flexmol-ray")
-            ray.init(**kwargs)
+        self._owns_ray = init_ray(job.num_cpus, {"OMP_NUM_THREADS": "1"})
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.max_in_flight = 2 * self.cpus
         self._remote: dict[str, Any] = {}

@@ -6,7 +6,9 @@ in a time that does not grow with the step) and the records seen. Per-step rando
 masking, coordinate noise) comes from a generator seeded by (seed, step, rank), so no RNG state
 needs saving and a resumed run draws exactly what the uninterrupted one would have. Logged
 training records count per source the molecules ``seen``, the ``unique`` ones and the ``passes``
-over the source's data (its ``data.subset``, or all of it), every rank included.
+over the source's data (its ``data.subset``, or all of it), every rank included, and the ``work``
+done on them (:data:`WORK`: atoms, atom pairs, padded positions, batch pairs; what a FLOP model of
+the network turns into the run's compute, ``flexmol.scaling.flops``).
 ``metrics.jsonl`` holds each step once: a resumed run first drops the records of the steps after
 its checkpoint (it redoes them). A run stopped by a signal on a validation step checkpoints before
 validating; the run that resumes from that checkpoint validates its step first.
@@ -37,6 +39,19 @@ from flexmol.train.schedule import lr_factor
 
 SOURCE_NAMES = ("paired", "single_2d", "single_3d")
 MODALITY = {"paired": "paired", "single_2d": "2d", "single_3d": "3d"}
+# Per source, cumulative over the run (all ranks): for a batch of B molecules padded to N atoms
+# (n_i each), atoms += sum n_i, atom_pairs += sum n_i^2, padded_atoms += B*N, padded_pairs += B*N^2,
+# batch_pairs += B^2. With the molecules seen they give the run's compute exactly for a network whose
+# cost is polynomial in atoms (per-atom layers, an O(n^2) pair track, in-batch negatives).
+WORK = ("atoms", "atom_pairs", "padded_atoms", "padded_pairs", "batch_pairs")
+
+
+def batch_work(mask: torch.Tensor) -> torch.Tensor:
+    """:data:`WORK` of one batch from its [B, N] atom mask (float64, on the host)."""
+    n = mask.sum(dim=1, dtype=torch.float64)
+    b, width = mask.shape
+    return torch.tensor([n.sum().item(), (n * n).sum().item(), b * width, b * width * width, b * b],
+                        dtype=torch.float64)
 
 
 class DivergedError(RuntimeError):
@@ -274,6 +289,7 @@ class Pretrainer:
         self._wandb_run = None
         self.seen = {k: 0 for k in sources}  # molecules seen per source, all ranks
         self.skipped = {k: 0 for k in sources}  # bad records skipped per source, all ranks
+        self.work = {k: dict.fromkeys(WORK, 0) for k in sources}  # see WORK, all ranks
         if client:
             self.step = client["step"]
             if self.step > t.max_steps:
@@ -281,6 +297,8 @@ class Pretrainer:
                                   f"resumed checkpoint {target[0] / target[1]} stands")
             self.seen.update(client.get("seen", {}))
             self.skipped.update(client.get("skipped", {}))
+            for k, w in client.get("work", {}).items():
+                self.work[k].update(w)
         d = cfg.data
         log = lambda m: print(f"[pretrain] rank {self.rank}: {m}", file=sys.stderr, flush=True)
         self.stream = MixedStream(
@@ -294,6 +312,8 @@ class Pretrainer:
             source.coverage.deferred = self.world > 1
         if client:
             self._resume_streams(client, target[0] / target[1])
+            if self.rank == 0:
+                print(f"[pretrain] resumed from {target[0] / target[1]} at step {self.step}", flush=True)
         self._valid_batches: dict[str, list[dict]] | None = None
         self._stop = False
         # the checkpoint's step is a validation step whose validation a stop signal cut out
@@ -436,6 +456,7 @@ class Pretrainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"step-{self.step:08d}",
                                     client_state={"step": self.step, "stream": stream, "coverage": coverage,
                                                   "seen": dict(self.seen), "skipped": dict(self.skipped),
+                                                  "work": {k: dict(w) for k, w in self.work.items()},
                                                   "validation_due": self._validation_due})
 
     def _saved_step(self) -> str:
@@ -487,6 +508,7 @@ class Pretrainer:
                 computed: dict[str, int] = {}
                 # molecules per source, skipped records per source, atoms, stop
                 counts = torch.zeros(2 * len(SOURCE_NAMES) + 2, dtype=torch.float64)
+                work = torch.zeros(len(SOURCE_NAMES), len(WORK), dtype=torch.float64)
                 skipped_before = {k: s.skipped for k, s in self.stream.sources.items()}
                 # every micro-batch of the step first: bad data met by any rank stops every rank
                 # here, before the step's first collective (contrastive negatives, ZeRO reductions)
@@ -502,6 +524,7 @@ class Pretrainer:
                 for micro, (source, batch) in enumerate(drawn):
                     counts[SOURCE_NAMES.index(source)] += batch["mask"].shape[0]
                     counts[-2] += int(batch["num_atoms"].sum())  # still on the host: no device sync
+                    work[SOURCE_NAMES.index(source)] += batch_work(batch["mask"])
                     gen = torch.Generator(device=self.device).manual_seed(
                         hash((t.seed, self.step, micro, self.rank)) & 0x7FFFFFFF)
                     batch = move(batch, self.device)
@@ -516,19 +539,24 @@ class Pretrainer:
                 for k, s in self.stream.sources.items():
                     counts[len(SOURCE_NAMES) + SOURCE_NAMES.index(k)] = s.skipped - skipped_before[k]
                 counts[-1] = float(self._stop)
-                mean_losses, counts = self._reduce({k: v / computed[k] for k, v in sums.items()}, counts)
+                mean_losses, counts = self._reduce({k: v / computed[k] for k, v in sums.items()},
+                                                   torch.cat([counts, work.reshape(-1)]))
+                counts, work = counts[:-work.numel()], counts[-work.numel():].reshape(work.shape)
                 self.step += 1
                 elapsed = time.perf_counter() - started
                 molecules = {k: int(counts[i]) for i, k in enumerate(SOURCE_NAMES) if counts[i] > 0}
                 for k, n in molecules.items():
                     self.seen[k] += n
+                    for name, value in zip(WORK, work[SOURCE_NAMES.index(k)].tolist()):
+                        self.work[k][name] += int(value)
                 for i, k in enumerate(SOURCE_NAMES):
                     if k in self.skipped:
                         self.skipped[k] += int(counts[len(SOURCE_NAMES) + i])
                 grad_norm = self.engine.get_global_grad_norm()
                 record = {"split": "train", "step": self.step, "molecules": molecules,
                           **{f"loss/{k}": v for k, v in mean_losses.items()}, "atoms": int(counts[-2]),
-                          "seen": dict(self.seen), "skipped_records": {k: n for k, n in self.skipped.items() if n},
+                          "seen": dict(self.seen), "work": {k: dict(w) for k, w in self.work.items()},
+                          "skipped_records": {k: n for k, n in self.skipped.items() if n},
                           "lr": self.engine.get_lr()[0], "seconds": elapsed,
                           "loader_wait_share": wait / elapsed,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -691,22 +719,9 @@ class Pretrainer:
             for source, batches in self._valid_batches.items():
                 if not batches:
                     continue
-                sums: dict[str, torch.Tensor] = {}
-                n = torch.zeros(1, dtype=torch.float64)
-                # Every rank runs the same number of forward passes on the same modality (ZeRO-3
-                # gathers parameters collectively); a rank with no batch left repeats one at weight 0.
-                for i in range((len(batches) + self.world - 1) // self.world):
-                    j = i * self.world + self.rank
-                    batch = move(batches[j if j < len(batches) else 0], self.device)
-                    weight = float(batch["mask"].shape[0]) if j < len(batches) else 0.0
-                    gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 7919 + j)
-                    with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                         enabled=cfg.train.precision == "bf16"):
-                        losses = pretraining_losses(model, batch, objective, gen,
-                                                    train_feature_learners=cfg.stage == 1)
-                    for k, val in losses.items():
-                        sums[k] = sums.get(k, 0.0) + val.detach().double().cpu() * weight
-                    n += weight
+                sums, n = heldout_losses(model, batches, objective, seed=cfg.train.seed, device=self.device,
+                                         precision=cfg.train.precision, train_feature_learners=cfg.stage == 1,
+                                         rank=self.rank, world=self.world)
                 keys = sorted(sums)
                 values = torch.cat([torch.stack([sums[k] for k in keys]).reshape(-1), n])
                 if self.world > 1:
@@ -758,6 +773,29 @@ class Pretrainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop = True  # finish this step; the ranks agree on stopping, checkpoint and exit
+
+
+def heldout_losses(model: FlexMol, batches: list[dict], objective, *, seed: int, device: torch.device,
+                   precision: str = "fp32", train_feature_learners: bool = True, rank: int = 0, world: int = 1
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every loss by name summed over the molecules of this rank's share of fixed held-out
+    ``batches`` (batch j: masks and noise from a generator seeded by (seed, j), so the figures do
+    not depend on the world size), and the molecules counted: divide after summing over ranks.
+    Every rank runs the same number of forward passes on the same modality (ZeRO-3 gathers
+    parameters collectively); a rank with no batch left repeats one at weight 0."""
+    sums: dict[str, torch.Tensor] = {}
+    n = torch.zeros(1, dtype=torch.float64)
+    for i in range((len(batches) + world - 1) // world):
+        j = i * world + rank
+        batch = move(batches[j if j < len(batches) else 0], device)
+        weight = float(batch["mask"].shape[0]) if j < len(batches) else 0.0
+        gen = torch.Generator(device=device).manual_seed(seed * 7919 + j)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            losses = pretraining_losses(model, batch, objective, gen, train_feature_learners=train_feature_learners)
+        for k, val in losses.items():
+            sums[k] = sums.get(k, 0.0) + val.detach().double().cpu() * weight
+        n += weight
+    return sums, n
 
 
 def initial_weights(path: Path, model: FlexMol) -> tuple[dict[str, torch.Tensor], Path]:

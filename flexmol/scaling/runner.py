@@ -1,0 +1,413 @@
+"""Running a sweep: one Ray task per run, resumable, each run trained and evaluated the same way.
+
+Layout of a study directory ``OUT``::
+
+    study.json            the spec and the planned runs
+    models/RUNG.yaml      each rung's model config (what its runs' model.size names)
+    flops/                measured FLOP models per rung and stage (JSON)
+    probe/                the probe set's featurised molecules (shared by every run)
+    runs/NAME/run.json    the run's definition and digest
+    runs/NAME/phaseK/     a pre-training output_dir per phase (pretrain.yaml, log.txt, checkpoints,
+                          export, metrics.jsonl)
+    runs/NAME/result.json the run's row (written last, atomically)
+    runs.csv              one row per run, rewritten as runs finish
+
+A run is a sequence of pre-training phases, each ``python -m flexmol.train.cli`` in a child process
+(``deepspeed launch/pretrain.py`` with ``run.gpus_per_run`` > 1) with ``resume=auto``: a killed
+sweep resumes every unfinished run from its last checkpoint, a finished run (its ``result.json``
+with the same digest) is never repeated, and a failed run is reported with its log while the others
+go on. A run holds an exclusive lock on its directory, passed to its training process, so two
+sweeps never write one run. Then, in the task: the study's held-out losses of the final export
+(every source, every loss by name, fixed batches; ``val_loss`` is the sum the spec names), the
+linear probe, and the run's FLOPs from the work its training records counted.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flexmol.scaling import ScalingError
+from flexmol.scaling.spec import Run, SourceFacts, Spec, flop_models, load_spec, plan, rung_yaml, source_facts
+
+FIXED_COLUMNS = ["run", "status", "size", "params", "budget", "schedule", "ratio", "seed", "molecules",
+                 "unique_molecules", "molecules_paired", "molecules_single_2d", "molecules_single_3d", "unique_paired",
+                 "unique_single_2d", "unique_single_3d", "passes", "steps", "flops", "flops_padded", "val_loss"]
+
+
+class RunFailed(RuntimeError):
+    """A run that did not finish: the message says where and points to the log."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- one run (inside its Ray task) --------------------------------------------------------------
+def phase_config(spec: Spec, run: Run, index: int, out: Path) -> dict:
+    """The pre-training config of phase ``index`` of ``run``: the spec's fixed settings, the run's
+    steps, mix and nested subsets, and a schedule shaped by the phase's length."""
+    phase = run.phases[index]
+    rdir = out / "runs" / run.name
+    t = spec.train
+    cfg = {
+        "stage": phase.stage,
+        "model": {"size": str((out / "models" / f"{run.rung}.yaml").resolve())},
+        "data": {**{s: spec.data[s] for s in phase.molecules}, "max_atoms": t.max_atoms,
+                 "num_workers": 0 if spec.run.gpus_per_run == 0 else 2,
+                 "subset": dict(phase.subset), "subset_seed": spec.subset_seed,
+                 "mix": [{"step": 0, "weights": dict(phase.weights)}]},
+        "train": {"max_steps": phase.steps, "lr": t.lr, "warmup_steps": int(round(t.warmup_fraction * phase.steps)),
+                  "decay": t.decay, "seed": run.seed, "save_every": max(1, phase.steps // 4),
+                  "log_every": max(1, phase.steps // 20)},
+        "validation": {"every": 0, "holdout_shards": spec.heldout.shards,
+                       "max_molecules": spec.heldout.max_molecules, "alignment_count": 0},
+        "wandb": {"mode": "disabled"},
+        "output_dir": str((rdir / f"phase{index + 1}").resolve()),
+        "resume": "auto",
+    }
+    if index > 0:
+        cfg["init_from"] = str((rdir / f"phase{index}" / "export").resolve())
+    return cfg
+
+
+def _finished(pdir: Path, steps: int) -> bool:
+    """A phase whose run closed: its last training record is at ``steps`` and its export exists."""
+    if not (pdir / "export" / "checksums.json").is_file():
+        return False
+    last = _last_record(pdir / "metrics.jsonl", "train")
+    return bool(last) and last["step"] >= steps
+
+
+def _last_record(path: Path, split: str) -> dict | None:
+    last = None
+    try:
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("split") == split:
+                    last = rec
+    except (OSError, json.JSONDecodeError):
+        return None
+    return last
+
+
+def _train_phase(spec: Spec, run: Run, index: int, out: Path, lock_fd: int) -> None:
+    from omegaconf import OmegaConf
+
+    pdir = out / "runs" / run.name / f"phase{index + 1}"
+    if _finished(pdir, run.phases[index].steps):
+        return
+    pdir.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.create(phase_config(spec, run, index, out))
+    for k, v in spec.train.overrides.items():
+        OmegaConf.update(cfg, k, v, force_add=True)
+    config_file = pdir / "pretrain.yaml"
+    config_file.write_text(OmegaConf.to_yaml(cfg))
+    gpus = spec.run.gpus_per_run
+    if gpus > 1:
+        launcher = Path(__file__).resolve().parents[2] / "launch" / "pretrain.py"
+        command = ["deepspeed", "--num_gpus", str(gpus), str(launcher), "--config", str(config_file)]
+    else:
+        command = [sys.executable, "-m", "flexmol.train.cli", "--config", str(config_file)]
+    threads = str(spec.run.cpus_per_run)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    log = pdir / "log.txt"
+    with open(log, "a") as f:
+        f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        f.flush()
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, pass_fds=(lock_fd,),
+                                preexec_fn=_die_with_parent)
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints the step and exits
+            proc.wait()
+            raise
+    if code != 0:
+        raise RunFailed(f"phase {index + 1} (stage {run.phases[index].stage}) exited with {code}; log {log}:\n"
+                        f"{_tail(log)}")
+    if not _finished(pdir, run.phases[index].steps):
+        raise RunFailed(f"phase {index + 1} exited without finishing (no export at step {run.phases[index].steps}); "
+                        f"log {log}:\n{_tail(log)}")
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies (Linux), so a killed sweep's
+    training processes checkpoint and stop instead of running on unattended."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def heldout_evaluation(spec: Spec, facts: dict[str, SourceFacts], export: Path, seed: int = 0) -> dict[str, float]:
+    """Every loss by name of the export on each source's held-out molecules (the stage-1
+    objective, so every run is scored by one yardstick), as ``val/SOURCE/LOSS``."""
+    import torch
+
+    from flexmol import load_pretrained
+    from flexmol.data.streams import fixed_batches
+    from flexmol.objectives import ObjectiveConfig
+    from flexmol.train.trainer import heldout_losses
+
+    model = load_pretrained(export).eval()
+    objective = dataclasses.replace(ObjectiveConfig(), gather_negatives="off")
+    out = {}
+    for source, f in facts.items():
+        batches = fixed_batches(f.heldout_urls, max_atoms=spec.train.max_atoms, max_molecules=spec.heldout.max_molecules,
+                                max_spd=model.cfg.max_spd, max_path=model.cfg.max_path)
+        sums, n = heldout_losses(model, batches, objective, seed=seed, device=torch.device("cpu"))
+        for k, v in sorted(sums.items()):
+            out[f"val/{source}/{k}"] = float(v) / float(n)
+    return out
+
+
+def probe_data(spec: Spec, out: Path, progress: bool = False):
+    """The probe set, featurised once per study (``OUT/probe``)."""
+    from flexmol.finetune.data import load_task_data
+
+    p = spec.probe
+    data = load_task_data(p.data, p.targets, p.task, modality="2d", subsample=p.subsample, workers=1,
+                          cache_dir=out / "probe", progress=progress)
+    if len(data.records) < 20:
+        raise ScalingError(f"{spec.path}: key 'probe.data': {p.data} gives {len(data.records)} usable molecules "
+                           f"({data.summary()}); a probe needs at least 20")
+    return data
+
+
+def probe_score(spec: Spec, out: Path, export: Path) -> dict:
+    """The linear probe on the export's frozen 2D embeddings: mean test metric over the seeds'
+    splits (``probe.split``), with each seed's figure."""
+    import numpy as np
+    import torch
+
+    from flexmol import load_pretrained
+    from flexmol.finetune.config import ProbeSection
+    from flexmol.finetune.probe import embeddings, linear_probe
+    from flexmol.finetune.split import make_split
+
+    p = spec.probe
+    data = probe_data(spec, out)
+    model = load_pretrained(export)
+    x = embeddings(model, data, "2d", 128, torch.device("cpu"))
+    scores = []
+    for seed in p.seeds:
+        split = make_split(p.split, data.smiles, seed)
+        scores.append(linear_probe(x, data.labels, split, seed, p.task, p.metric, ProbeSection(), data.targets)["test"])
+    return {"mean": float(np.nanmean(scores)), "by_seed": [float(s) for s in scores]}
+
+
+def probe_column(spec: Spec) -> str | None:
+    if not spec.probe.data:
+        return None
+    name = Path(spec.probe.data).stem if "/" in spec.probe.data else spec.probe.data.replace("moleculenet:", "")
+    return f"probe_{name}_{spec.probe.metric}"
+
+
+def run_one(spec: Spec, facts: dict[str, SourceFacts], flops: dict, run: Run, out: Path) -> dict:
+    """Train, evaluate and account one run; its row (``status`` done or failed, never raises for
+    the run's own failure). ``flops``: the FLOP model of each (rung, stage)."""
+    rdir = out / "runs" / run.name
+    started = time.perf_counter()
+    row = {"run": run.name, "status": "failed", "size": run.rung, "params": run.params, "budget": run.budget,
+           "schedule": run.schedule, "ratio": run.ratio, "seed": run.seed}
+    lock = os.open(rdir / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        os.set_inheritable(lock, True)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a previous sweep's training process may still be closing
+        try:
+            for i in range(len(run.phases)):
+                _train_phase(spec, run, i, out, lock)
+            seen, unique, work_flops = {}, {}, {"flops": 0.0, "flops_padded": 0.0}
+            steps = 0
+            for i, phase in enumerate(run.phases):
+                last = _last_record(rdir / f"phase{i + 1}" / "metrics.jsonl", "train")
+                steps += last["step"]
+                for k, v in last["seen"].items():
+                    seen[k] = seen.get(k, 0) + v
+                for k, v in (last.get("unique") or {}).items():
+                    unique[k] = max(unique.get(k, 0), v)
+                work = {k: {"molecules": last["seen"][k], **w} for k, w in last["work"].items()}
+                for k, v in flops[(run.rung, phase.stage)].total(work).items():
+                    work_flops[k] += v
+            export = rdir / f"phase{len(run.phases)}" / "export"
+            losses = heldout_evaluation(spec, facts, export)
+            row.update({"molecules": sum(seen.values()), "unique_molecules": sum(unique.values()),
+                        **{f"molecules_{k}": v for k, v in seen.items()}, **{f"unique_{k}": v for k, v in unique.items()},
+                        "passes": sum(seen.values()) / max(1, sum(unique.values())), "steps": steps, **work_flops,
+                        "val_loss": sum(losses[f"val/{item}"] for item in spec.heldout.loss), **losses})
+            column = probe_column(spec)
+            if column:
+                probe = probe_score(spec, out, export)
+                row[column] = probe["mean"]
+                row["probe_by_seed"] = probe["by_seed"]
+            row["status"] = "done"
+        except (RunFailed, ScalingError) as exc:
+            row["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one run's failure is reported, the sweep goes on
+            import traceback
+
+            row["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+    finally:
+        os.close(lock)
+    row["wall_seconds"] = round(time.perf_counter() - started, 1)
+    row["digest"] = run.digest(spec)
+    _write_atomic(rdir / "result.json", json.dumps(row, indent=1) + "\n")
+    return row
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+def prepare(spec: Spec, runs: list[Run], out: Path, facts: dict[str, SourceFacts]) -> tuple[list[Run], dict]:
+    """The study directory: spec, model configs, FLOP models, probe cache, run directories. Returns
+    the runs not finished before (a finished one has a result with the same digest) and the FLOP
+    models; a run directory made by another definition of the run is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "study.json", json.dumps({"spec": dataclasses.asdict(spec),
+                                                  "runs": [dataclasses.asdict(r) for r in runs]}, indent=1) + "\n")
+    (out / "models").mkdir(exist_ok=True)
+    for rung in spec.models.rungs:
+        _write_atomic(out / "models" / f"{rung}.yaml", rung_yaml(spec, rung))
+    (out / "flops").mkdir(exist_ok=True)
+    models = flop_models(spec, runs, out / "flops", log=lambda m: print(f"[scaling] {m}", flush=True))
+    if probe_column(spec):
+        print(f"[scaling] probe set {spec.probe.data}: {probe_data(spec, out, progress=True).summary()}", flush=True)
+    todo = []
+    for run in runs:
+        rdir = out / "runs" / run.name
+        rdir.mkdir(parents=True, exist_ok=True)
+        digest = run.digest(spec)
+        known = rdir / "run.json"
+        if known.is_file():
+            before = json.loads(known.read_text())
+            if before.get("digest") != digest:
+                changed = sorted(k for k in before["definition"] if before["definition"][k] != run.definition(spec)[k])
+                raise ScalingError(f"{rdir}: made by another definition of run {run.name} (changed: "
+                                   f"{', '.join(changed) or 'code'}); use another --out or remove that directory")
+        else:
+            _write_atomic(known, json.dumps({"digest": digest, "definition": run.definition(spec)}, indent=1) + "\n")
+        result = _read_result(rdir)
+        if result and result.get("status") == "done" and result.get("digest") == digest:
+            continue
+        todo.append(run)
+    return todo, models
+
+
+def _read_result(rdir: Path) -> dict | None:
+    try:
+        return json.loads((rdir / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_table(out: Path, runs: list[Run]) -> Path:
+    """``OUT/runs.csv``: one row per planned run that has a result, in plan order."""
+    rows = [r for r in (_read_result(out / "runs" / run.name) for run in runs) if r]
+    extra = sorted({k for r in rows for k in r if k.startswith("val/")})
+    probes = sorted({k for r in rows for k in r if k.startswith("probe_") and k != "probe_by_seed"})
+    columns = FIXED_COLUMNS + extra + probes + ["wall_seconds", "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else (r[k].splitlines()[0] if k == "error" else r[k]))
+                         for k in columns})
+    _write_atomic(out / "runs.csv", buf.getvalue())
+    return out / "runs.csv"
+
+
+def _connect_ray(spec: Spec, parallel: int):
+    from flexmol.featurize.executors import init_ray
+
+    import ray
+
+    owns = init_ray(parallel * spec.run.cpus_per_run, {"OMP_NUM_THREADS": str(spec.run.cpus_per_run)})
+    return ray, owns
+
+
+def run_sweep(spec_path: str, out: str, parallel: int | None = None, only: list[str] | None = None) -> int:
+    """Every run of the spec not finished before, ``parallel`` at a time (a local Ray; a cluster
+    through RAY_ADDRESS schedules by each run's CPUs and GPUs). 0 when every run is done, 1 when
+    some failed (each reported with its log)."""
+    spec = load_spec(spec_path)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ScalingError(f"--out {out_dir}: exists and is not a directory")
+    if os.environ.get("RAY_ADDRESS") and not out_dir.is_absolute():
+        raise ScalingError(f"--out {out_dir}: give an absolute path on shared storage when RAY_ADDRESS names a "
+                           "cluster (the runs write there from other machines)")
+    parallel = parallel if parallel is not None else spec.run.parallel
+    if parallel < 1:
+        raise ScalingError(f"--parallel must be at least 1, got {parallel}")
+    facts = source_facts(spec)
+    runs = plan(spec, facts)
+    if only:
+        names = {r.name for r in runs}
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ScalingError(f"--only: {', '.join(unknown)} not in the plan (flexmol scaling plan {spec_path} "
+                               "lists the runs)")
+        runs = [r for r in runs if r.name in only]
+    todo, flops = prepare(spec, runs, out_dir, facts)
+    done_before = len(runs) - len(todo)
+    print(f"[scaling] {spec.name}: {len(runs)} run(s); {done_before} done before, {len(todo)} to run, "
+          f"{parallel} at a time", flush=True)
+    failed = []
+    if todo:
+        ray, owns = _connect_ray(spec, parallel)
+        try:
+            task = ray.remote(num_cpus=spec.run.cpus_per_run, num_gpus=spec.run.gpus_per_run,
+                              max_retries=0)(run_one)
+            refs = [ray.put(x) for x in (spec, facts, flops)]
+            pending = {task.remote(*refs, run, out_dir.resolve()): (run, 0) for run in todo}
+            started, finished = time.perf_counter(), 0
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                run, attempt = pending.pop(ready[0])
+                try:
+                    row = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:  # its worker or node died
+                    row = {"run": run.name, "status": "failed", "error": f"the run's Ray task died: {exc}".splitlines()[0]}
+                    _write_atomic(out_dir / "runs" / run.name / "result.json", json.dumps(row, indent=1) + "\n")
+                if row["status"] != "done" and attempt < spec.run.max_retries:
+                    print(f"[scaling] {run.name} failed; retrying ({attempt + 1} of {spec.run.max_retries})", flush=True)
+                    pending[task.remote(*refs, run, out_dir.resolve())] = (run, attempt + 1)
+                    continue
+                finished += 1
+                elapsed = time.perf_counter() - started
+                eta = elapsed / finished * (len(todo) - finished)
+                if row["status"] == "done":
+                    print(f"[scaling] {finished}/{len(todo)} {run.name}: val_loss {row['val_loss']:.4f}, "
+                          f"{row['molecules']:,} molecules, {row['flops']:.3g} FLOPs, {row['wall_seconds']:.0f} s "
+                          f"(elapsed {elapsed:.0f} s, about {eta:.0f} s to go)", flush=True)
+                else:
+                    failed.append(run.name)
+                    print(f"[scaling] {finished}/{len(todo)} {run.name} FAILED: {row.get('error', '?')}", file=sys.stderr,
+                          flush=True)
+                write_table(out_dir, runs)
+        finally:
+            if owns:
+                ray.shutdown()
+    table = write_table(out_dir, runs)
+    print(f"[scaling] {table}: {len(runs) - len(failed)} of {len(runs)} run(s) done"
+          + (f"; failed: {', '.join(failed)} (rerun the same command to retry them)" if failed else ""), flush=True)
+    return 1 if failed else 0

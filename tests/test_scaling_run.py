@@ -1,0 +1,226 @@
+"""Sweep specs, plans and runs: ``flexmol scaling plan|run`` on tiny real studies."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, child_env, nci_2d_dataset
+from flexmol import config
+from flexmol.cli import main
+from flexmol.featurize import run_featurize
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory, qm9_rows, nci_smi):
+    """Paired QM9 (240 molecules, shards of 40), NCI 2D (300, shards of 50) and a probe CSV of real
+    NCI molecules labelled by RDKit (has a ring nitrogen)."""
+    from rdkit import Chem
+
+    base = tmp_path_factory.mktemp("scaling")
+    qm9 = base / "qm9"
+    run_featurize(config.build(config.FeaturizeConfig, {
+        "source": "qm9", "out": str(qm9), "modality": "paired", "limit": 240,
+        "job": {"executor": "serial", "shard_size": 40, "progress": False}}), log=lambda m: None)
+    nci = nci_2d_dataset(base, nci_smi, 300)
+    probe = base / "probe.csv"
+    rows = []
+    for line in open(nci_smi):
+        smi = line.split()[0]
+        mol = Chem.MolFromSmiles(smi)
+        if mol is None or "." in smi:
+            continue
+        rows.append((smi, int(mol.HasSubstructMatch(Chem.MolFromSmarts("[n,N;R]")))))
+        if len(rows) == 120:
+            break
+    with open(probe, "w") as f:
+        f.write("smiles,ring_n\n" + "".join(f"{s},{y}\n" for s, y in rows))
+    return {"qm9": qm9, "nci": nci, "probe": probe}
+
+
+def _spec(path: Path, data, **changes) -> Path:
+    spec = {
+        "name": "tiny-ladder",
+        "data": {"paired": [str(data["qm9"])]},
+        "heldout": {"shards": 1, "max_molecules": 40, "loss": ["paired/total"]},
+        "models": {"base": "tiny", "rungs": {"a": {"dim": 16, "heads": 2, "layers": 1, "num_kernels": 8},
+                                             "b": {"dim": 32, "heads": 4, "layers": 1, "num_kernels": 8}}},
+        "budgets": [60, 120],
+        "seeds": [0],
+        "train": {"max_atoms": 128},
+        "probe": {"data": str(data["probe"]), "targets": ["ring_n"], "split": "random", "seeds": [0]},
+        "run": {"parallel": 2, "cpus_per_run": 1},
+    }
+    for key, value in changes.items():
+        node = spec
+        *head, last = key.split(".")
+        for k in head:
+            node = node.setdefault(k, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_plan_prints_every_run_with_parameters_budget_steps_and_measured_flops(study_data, tmp_path, capsys):
+    from flexmol.model.summary import model_config, parameter_count
+
+    spec = _spec(tmp_path / "spec.yaml", study_data)
+    assert main(["scaling", "plan", str(spec)]) == 0
+    out = capsys.readouterr().out
+    for rung, keys in (("a", ["dim=16", "heads=2", "layers=1", "num_kernels=8"]),
+                       ("b", ["dim=32", "heads=4", "layers=1", "num_kernels=8"])):
+        params = parameter_count(model_config("tiny", keys))
+        assert f"{params:,} parameters" in out
+        for budget in (60, 120):
+            line = next(l for l in out.splitlines() if l.strip().startswith(f"{rung}-b{budget}-s0 "))
+            fields = line.split()
+            assert fields[1] == f"{params:,}" and fields[2] == f"{budget:,}" and fields[3] == str(budget)
+            assert float(fields[5]) > 0  # the FLOPs estimate
+    flops = {l.split()[0]: float(l.split()[5]) for l in out.splitlines() if l.strip().startswith(("a-", "b-"))}
+    assert flops["b-b60-s0"] > flops["a-b60-s0"]  # a wider model costs more per molecule
+    assert flops["a-b120-s0"] == pytest.approx(2 * flops["a-b60-s0"], rel=0.05)  # twice the molecules
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"budgets": [60, 100000]}, "budgets"),  # more unique molecules than the training shards hold
+    ({"models.rungs.a": {"dim": 30, "heads": 4}}, "models.rungs.a"),  # width not divisible by heads
+    ({"budgets": [60], "paired_size": 10}, "budgets"),  # two kinds of study in one spec
+    ({"heldout.loss": ["single_2d/total"]}, "heldout.loss"),  # a source the study does not have
+    ({"heldout.shards": 6}, "heldout.shards"),  # nothing left to train on
+    ({"probe.metric": "rmse"}, "probe.metric"),  # a regression metric for a classification probe
+    ({"passes": 0}, "passes"),
+])
+def test_plan_refuses_an_axis_that_cannot_be_honoured_naming_the_key(study_data, tmp_path, capsys, changes, key):
+    spec = _spec(tmp_path / "spec.yaml", study_data, **changes)
+    assert main(["scaling", "plan", str(spec), "--no-flops"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flexmol scaling plan:") and f"'{key}'" in err and len(err.splitlines()) == 1
+
+
+def test_runs_train_nested_subsets_with_a_schedule_scaled_to_their_length(study_data, tmp_path):
+    from flexmol.scaling.runner import phase_config
+    from flexmol.scaling.spec import load_spec, plan
+
+    spec = load_spec(_spec(tmp_path / "spec.yaml", study_data, passes=2, **{"train.warmup_fraction": 0.2}))
+    runs = {r.name: r for r in plan(spec)}
+    small, large = phase_config(spec, runs["a-b60-s0"], 0, tmp_path), phase_config(spec, runs["a-b120-s0"], 0, tmp_path)
+    assert small["data"]["subset"] == {"paired": 30} and large["data"]["subset"] == {"paired": 60}  # budget / passes
+    assert small["data"]["subset_seed"] == large["data"]["subset_seed"]  # one permutation: 30 are among the 60
+    for cfg in (small, large):
+        assert cfg["train"]["warmup_steps"] == round(0.2 * cfg["train"]["max_steps"])
+    assert large["train"]["max_steps"] == pytest.approx(2 * small["train"]["max_steps"], abs=1)
+    other = phase_config(spec, runs["b-b60-s0"], 0, tmp_path)  # the same data order for every model size
+    assert {k: v for k, v in other["data"].items()} == small["data"] and other["train"]["seed"] == small["train"]["seed"]
+
+
+def test_paired_versus_single_plan_two_phase_and_mixed_see_the_same_molecules(study_data, tmp_path):
+    from flexmol.scaling.runner import phase_config
+    from flexmol.scaling.spec import load_spec, plan
+
+    spec = load_spec(_spec(tmp_path / "spec.yaml", study_data, budgets=None, paired_size=40, ratios=[0, 2],
+                           schedules=["mixed", "two_phase"], **{"data.single_2d": [str(study_data["nci"])]}))
+    runs = {r.name: r for r in plan(spec)}
+    assert sorted(runs) == ["a-mixed-r2-s0", "a-paired_only-r0-s0", "a-two_phase-r2-s0", "b-mixed-r2-s0",
+                            "b-paired_only-r0-s0", "b-two_phase-r2-s0"]
+    mixed, two = runs["a-mixed-r2-s0"], runs["a-two_phase-r2-s0"]
+    assert [p.stage for p in mixed.phases] == [1] and [p.stage for p in two.phases] == [1, 2]
+    assert mixed.phases[0].molecules == {"paired": 40, "single_2d": 80}
+    assert [p.molecules for p in two.phases] == [{"paired": 40}, {"single_2d": 80}]
+    second = phase_config(spec, two, 1, tmp_path)
+    assert second["stage"] == 2 and second["init_from"].endswith("a-two_phase-r2-s0/phase1/export")
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    with open(path) as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+def test_a_sweep_runs_every_run_and_a_second_call_repeats_none(study_data, tmp_path, capsys):
+    spec = _spec(tmp_path / "spec.yaml", study_data)
+    out = tmp_path / "study"
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
+    rows = _rows(out / "runs.csv")
+    assert sorted(rows) == ["a-b120-s0", "a-b60-s0", "b-b120-s0", "b-b60-s0"]
+    for name, r in rows.items():
+        assert r["status"] == "done"
+        assert int(r["molecules"]) >= int(r["budget"]) * 0.8 and int(r["unique_molecules"]) <= int(r["budget"])
+        assert float(r["flops"]) > 0 and float(r["flops_padded"]) >= float(r["flops"])
+        assert float(r["val_loss"]) == pytest.approx(float(r["val/paired/total"]))
+        assert {"val/paired/contrastive", "val/paired/coord", "val/paired/atom"} <= set(r)
+        assert 0 <= float(r["probe_probe_roc_auc"]) <= 1
+    # measured compute follows the molecules and the model
+    assert float(rows["a-b120-s0"]["flops"]) > 1.5 * float(rows["a-b60-s0"]["flops"])
+    assert float(rows["b-b60-s0"]["flops"]) > float(rows["a-b60-s0"]["flops"])
+    results = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    capsys.readouterr()
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
+    assert "4 done before, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == results
+
+
+def test_a_failed_run_is_reported_with_its_log_and_the_others_finish(study_data, tmp_path, capsys):
+    spec = _spec(tmp_path / "spec.yaml", study_data, **{"models.rungs": {"a": {"dim": 16, "heads": 2, "layers": 1}}})
+    out = tmp_path / "study"
+    broken = out / "runs" / "a-b60-s0" / "phase1" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "latest").write_text("step-00000009")  # a checkpoint tag whose files are missing
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "a-b60-s0 FAILED" in err and "log.txt" in err
+    rows = _rows(out / "runs.csv")
+    assert rows["a-b60-s0"]["status"] == "failed" and rows["a-b60-s0"]["error"]
+    assert rows["a-b120-s0"]["status"] == "done"
+    (broken / "latest").unlink()
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
+    assert "1 done before, 1 to run" in capsys.readouterr().out
+    assert _rows(out / "runs.csv")["a-b60-s0"]["status"] == "done"
+
+
+def test_a_changed_run_definition_is_refused_in_a_used_study_directory(study_data, tmp_path, capsys):
+    out = tmp_path / "study"
+    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60], **{"models.rungs": {"a": {"dim": 16, "heads": 2}}})
+    assert main(["scaling", "run", str(spec), "--out", str(out), "--only", "a-b60-s0"]) == 0
+    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60], **{"models.rungs": {"a": {"dim": 16, "heads": 2}},
+                                                                        "train.lr": 1e-3})
+    capsys.readouterr()
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a-b60-s0" in err and "train" in err and "another --out" in err
+
+
+def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study_data, tmp_path):
+    """The sweep's process is killed (SIGKILL) while a run trains; the next call finishes it from
+    its checkpoint, and the runs that had finished are not run again."""
+    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60, 600],
+                 **{"models.rungs": {"a": {"dim": 16, "heads": 2, "layers": 1}}, "run.parallel": 1})
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "flexmol.cli", "scaling", "run", str(spec), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpt = out / "runs" / "a-b600-s0" / "phase1" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert ckpt.exists(), "the long run never checkpointed"
+    done_before = json.loads((out / "runs" / "a-b60-s0" / "result.json").read_text())
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and the training process: nothing closes cleanly
+    proc.wait()
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 done before, 1 to run" in result.stdout
+    assert json.loads((out / "runs" / "a-b60-s0" / "result.json").read_text()) == done_before
+    log = (out / "runs" / "a-b600-s0" / "phase1" / "log.txt").read_text()
+    assert "[pretrain] resumed from" in log
+    steps = [json.loads(l)["step"] for l in open(out / "runs" / "a-b600-s0" / "phase1" / "metrics.jsonl")
+             if json.loads(l)["split"] == "train"]
+    assert steps == sorted(set(steps))  # each logged step once across the kill
+    assert _rows(out / "runs.csv")["a-b600-s0"]["status"] == "done"
