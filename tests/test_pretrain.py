@@ -39,6 +39,12 @@ def test_n_steps_resume_n_steps_equals_2n_steps_straight(qm9_paired, tmp_path):
     assert [(r["seen"], r["unique"], r["passes"]) for r in first + second] == \
         [(r["seen"], r["unique"], r["passes"]) for r in straight]
     assert straight[-1]["loss/total"] < straight[0]["loss/total"]
+    # the work counters (a run's compute, flexmol.scaling.flops) carry across the resume and sum the steps'
+    assert [r["work"] for r in first + second] == [r["work"] for r in straight]
+    work = straight[-1]["work"]["paired"]
+    assert work["atoms"] == sum(r["atoms"] for r in straight) > 0
+    assert work["padded_atoms"] > work["atoms"] and work["atom_pairs"] > work["atoms"]
+    assert work["padded_pairs"] > work["atom_pairs"] and work["batch_pairs"] >= straight[-1]["seen"]["paired"]
 
 
 def _launch(config_path, overrides, port):

@@ -203,8 +203,10 @@ def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study
     spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60, 600],
                  **{"models.rungs": {"a": {"dim": 16, "heads": 2, "layers": 1}}, "run.parallel": 1})
     out = tmp_path / "study"
+    # the Ray job's entry point first, the CLI after: one code path
+    job = [sys.executable, str(REPO / "ray_jobs" / "scaling.py"), str(spec), "--out", str(out)]
     cmd = [sys.executable, "-m", "flexmol.cli", "scaling", "run", str(spec), "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(job, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ckpt = out / "runs" / "a-b600-s0" / "phase1" / "checkpoints" / "latest"
     deadline = time.time() + 300
