@@ -165,6 +165,20 @@ def test_a_sweep_runs_every_run_and_a_second_call_repeats_none(study_data, tmp_p
     assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
     assert "4 done before, 0 to run" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")} == results
+    # --only runs a part of the study; the table keeps every run
+    assert main(["scaling", "run", str(spec), "--out", str(out), "--only", "a-b60-s0"]) == 0
+    assert "1 done before, 0 to run" in capsys.readouterr().out and len(_rows(out / "runs.csv")) == 4
+    # a new yardstick (val_loss from other held-out losses) re-evaluates the exports, trains nothing again
+    exports = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/phase1/export/model.safetensors")}
+    spec = _spec(tmp_path / "spec.yaml", study_data, **{"heldout.loss": ["paired/atom", "paired/contrastive"]})
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
+    assert "0 done before, 4 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/phase1/export/model.safetensors")} == exports
+    for name, r in _rows(out / "runs.csv").items():
+        assert float(r["val_loss"]) == pytest.approx(float(r["val/paired/atom"]) + float(r["val/paired/contrastive"]))
+        assert float(r["val/paired/total"]) == pytest.approx(float(rows[name]["val/paired/total"]))
+        log = (out / "runs" / name / "phase1" / "log.txt").read_text()
+        assert log.count("flexmol.train.cli") == 1  # trained once
 
 
 def test_a_failed_run_is_reported_with_its_log_and_the_others_finish(study_data, tmp_path, capsys):
@@ -200,19 +214,19 @@ def test_a_changed_run_definition_is_refused_in_a_used_study_directory(study_dat
 def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study_data, tmp_path):
     """The sweep's process is killed (SIGKILL) while a run trains; the next call finishes it from
     its checkpoint, and the runs that had finished are not run again."""
-    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60, 600],
+    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60, 12000], passes=80,
                  **{"models.rungs": {"a": {"dim": 16, "heads": 2, "layers": 1}}, "run.parallel": 1})
     out = tmp_path / "study"
     # the Ray job's entry point first, the CLI after: one code path
     job = [sys.executable, str(REPO / "ray_jobs" / "scaling.py"), str(spec), "--out", str(out)]
     cmd = [sys.executable, "-m", "flexmol.cli", "scaling", "run", str(spec), "--out", str(out)]
-    proc = subprocess.Popen(job, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    ckpt = out / "runs" / "a-b600-s0" / "phase1" / "checkpoints" / "latest"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(job, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpt = out / "runs" / "a-b12000-s0" / "phase1" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-    assert ckpt.exists(), "the long run never checkpointed"
+    assert ckpt.exists(), "the long run never checkpointed: " + (tmp_path / "first.log").read_text()[-2000:]
     done_before = json.loads((out / "runs" / "a-b60-s0" / "result.json").read_text())
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and the training process: nothing closes cleanly
     proc.wait()
@@ -220,9 +234,65 @@ def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 done before, 1 to run" in result.stdout
     assert json.loads((out / "runs" / "a-b60-s0" / "result.json").read_text()) == done_before
-    log = (out / "runs" / "a-b600-s0" / "phase1" / "log.txt").read_text()
+    log = (out / "runs" / "a-b12000-s0" / "phase1" / "log.txt").read_text()
     assert "[pretrain] resumed from" in log
-    steps = [json.loads(l)["step"] for l in open(out / "runs" / "a-b600-s0" / "phase1" / "metrics.jsonl")
+    steps = [json.loads(l)["step"] for l in open(out / "runs" / "a-b12000-s0" / "phase1" / "metrics.jsonl")
              if json.loads(l)["split"] == "train"]
     assert steps == sorted(set(steps))  # each logged step once across the kill
-    assert _rows(out / "runs.csv")["a-b600-s0"]["status"] == "done"
+    assert _rows(out / "runs.csv")["a-b12000-s0"]["status"] == "done"
+
+
+def test_a_paired_versus_single_study_runs_mixed_and_two_phase_schedules(study_data, tmp_path):
+    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=None, paired_size=40, ratios=[0, 2], passes=2,
+                 schedules=["mixed", "two_phase"], probe=None,
+                 **{"data.single_2d": [str(study_data["nci"])], "models.rungs": {"a": {"dim": 16, "heads": 2}},
+                    "heldout.loss": ["paired/total", "single_2d/atom"]})
+    out = tmp_path / "study"
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
+    rows = _rows(out / "runs.csv")
+    assert sorted(rows) == ["a-mixed-r2-s0", "a-paired_only-r0-s0", "a-two_phase-r2-s0"]
+    assert all(r["status"] == "done" for r in rows.values())
+    base, mixed, two = rows["a-paired_only-r0-s0"], rows["a-mixed-r2-s0"], rows["a-two_phase-r2-s0"]
+    assert base["molecules_single_2d"] == "0" and base["unique_single_2d"] == "0"
+    assert int(two["molecules_paired"]) > 0 and int(two["molecules_single_2d"]) > 0
+    assert 0 < int(two["unique_single_2d"]) <= 160 and 0 < int(mixed["unique_single_2d"]) <= 160
+    for r in rows.values():  # every run scored on both held-out sets, by one yardstick
+        assert float(r["val_loss"]) == pytest.approx(float(r["val/paired/total"]) + float(r["val/single_2d/atom"]))
+    # the second phase: stage 2 from the first phase's export
+    second = yaml.safe_load((out / "runs" / "a-two_phase-r2-s0" / "phase2" / "pretrain.yaml").read_text())
+    assert second["stage"] == 2 and second["init_from"] == str(out.resolve() / "runs" / "a-two_phase-r2-s0" / "phase1" / "export")
+    assert "weights from" in (out / "runs" / "a-two_phase-r2-s0" / "phase2" / "log.txt").read_text()
+    assert len(list((out / "flops").glob("*.json"))) == 2  # the FLOP models of stages 1 and 2
+    assert float(two["flops"]) > float(base["flops"]) > 0
+
+
+def test_multi_gpu_runs_go_through_the_deepspeed_launcher_on_the_gpus_ray_gave_them(tmp_path):
+    from flexmol.scaling.runner import RunFailed, train_command
+
+    cfg = tmp_path / "pretrain.yaml"
+    assert train_command(1, cfg)[1:3] == ["-m", "flexmol.train.cli"]
+    cmd = train_command(2, cfg, env={"CUDA_VISIBLE_DEVICES": "3,5"})
+    assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert cmd[cmd.index("--include") + 1] == "localhost:3,5" and int(cmd[cmd.index("--master_port") + 1]) > 0
+    assert cmd[-3:] == [str(REPO / "launch" / "pretrain.py"), "--config", str(cfg)]
+    with pytest.raises(RunFailed, match="CUDA_VISIBLE_DEVICES"):
+        train_command(2, cfg, env={"CUDA_VISIBLE_DEVICES": "0"})
+
+
+def test_steps_are_per_global_batch_when_a_run_has_several_gpus(study_data, tmp_path):
+    from flexmol.scaling.spec import load_spec, plan
+
+    one = {r.name: r for r in plan(load_spec(_spec(tmp_path / "a.yaml", study_data)))}
+    two = {r.name: r for r in plan(load_spec(_spec(tmp_path / "b.yaml", study_data, **{"run.gpus_per_run": 2})))}
+    for name, run in one.items():
+        assert two[name].phases[0].steps == -(-run.phases[0].steps // 2) or \
+            abs(two[name].phases[0].steps * 2 - run.phases[0].steps) <= 2
+        assert two[name].digest(load_spec(tmp_path / "b.yaml")) != run.digest(load_spec(tmp_path / "a.yaml"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU to give")
+def test_a_run_asking_for_gpus_a_local_ray_does_not_have_is_refused(study_data, tmp_path, capsys):
+    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60], probe=None,
+                 **{"models.rungs": {"a": {"dim": 16, "heads": 2}}, "run.gpus_per_run": 1})
+    assert main(["scaling", "run", str(spec), "--out", str(tmp_path / "study")]) == 2
+    assert "GPU per run" in capsys.readouterr().err

@@ -6,15 +6,21 @@ axes with units, log axes for the scaling variables, a colour per model size fro
 colormap (a qualitative one for data mixes, which have no order). Matplotlib's object API is used
 without pyplot, so no display and no global backend are touched.
 
-1. ``loss_vs_compute``: validation loss against training FLOPs, one curve per model size, the
-   compute frontier (the lowest loss reached with at most that compute) and the L(C) fit with its
-   95% band.
+Runs are drawn by design point, the runs planned alike (size, budget, schedule, ratio; the seeds
+of one point): each point at the mean of its runs' realised x and y, with a bar from the lowest to
+the highest run, and each run a faint dot behind it. The legend says so.
+
+1. ``loss_vs_compute``: validation loss against training FLOPs, one curve per model size (and
+   mixing schedule), the compute frontier (the lowest mean loss reached with at most that
+   compute) and the L(C) fit with its 95% band. A study of one model size with data mixes has no
+   such figure: its question is the next one.
 2. ``fit_curves``: loss against data per model size with the joint law and its band, and loss
-   against parameters at each size's largest data value with L(N); the largest model's runs as
-   predicted by the fit that did not see them.
+   against parameters at each size's largest budget with L(N) (or, where the table cannot
+   identify L(N), the joint law at that budget); the largest model's runs as predicted by the fit
+   that did not see them. Intervals with an end at a bound are starred: not identified.
 3. ``paired_vs_single``: loss and the linear-probe metric against single-modality molecules seen
-   at a fixed paired set, one curve per mixing schedule (x = 0, paired data only, shown on a
-   symmetric-log axis); one figure per model size and paired set.
+   at a fixed paired set, one curve per mixing schedule, each starting from the paired-only
+   baseline (ratio 0, at x = 0 on a symmetric-log axis); one figure per model size and paired set.
 
 A figure whose data are missing is skipped with a note; a directory without runs.csv, or whose
 table has no finished run, is a :class:`ScalingError`.
@@ -30,6 +36,7 @@ from typing import Callable, Optional
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 from flexmol.scaling import ScalingError
@@ -55,7 +62,9 @@ DPI = 300
 SIZE_COLORMAP = "viridis"
 MIX_COLORMAP = "tab10"
 ONE_COLUMN, TWO_COLUMNS = 3.5, 7.0  # inches
-DEFAULT_COLUMNS = {"n": "params", "d": "molecules", "loss": "val_loss", "c": "flops"}
+DEFAULT_COLUMNS = {"n": "params", "d": "molecules", "loss": "val_loss", "c": "flops", "budget": "budget"}
+DESIGN_COLUMNS = ("size", "params", "budget", "schedule", "ratio")  # what a run plans; its seed aside
+BASELINE_SCHEDULE = "paired_only"  # the ratio-0 run of a paired/single study, where every schedule starts
 _PROBE_METRICS = {  # suffix of probe_<task>_<metric>: label, higher is better
     "roc_auc": ("ROC-AUC", True), "pr_auc": ("PR-AUC", True), "accuracy": ("accuracy", True),
     "r2": ("R²", True), "spearman": ("Spearman ρ", True), "pearson": ("Pearson r", True),
@@ -108,7 +117,7 @@ def build_figures(directory, *, note: Callable[[str], None] = _stderr) -> dict[s
     with matplotlib.rc_context(STYLE):
         for name, draw in (("loss_vs_compute", lambda: _loss_vs_compute(runs, columns, fit)),
                            ("fit_curves", lambda: _fit_curves(runs, columns, fit)),
-                           ("paired_vs_single", lambda: _paired_vs_single(runs, columns["loss"]))):
+                           ("paired_vs_single", lambda: _paired_vs_single(runs, columns))):
             try:
                 drawn = draw()
             except _Skip as why:
@@ -159,6 +168,19 @@ class _Runs:
 
     def text(self, column: str) -> list[str]:
         return [(row.get(column) or "").strip() for row in self.rows]
+
+    def design(self, keep: np.ndarray, *realised: np.ndarray) -> list[np.ndarray]:
+        """The rows of ``keep`` grouped by design point: equal cells in every design column (the
+        seeds of one point together). A table that plans neither a budget nor a ratio groups by
+        the ``realised`` values as well, so that each of its runs stays a point of its own."""
+        planned = [c for c in DESIGN_COLUMNS if c in self.header]
+        keys = [tuple(row.get(c, "").strip() for c in planned) for row in self.rows]
+        if not (self.has("budget") or self.has("ratio")):
+            keys = [k + tuple(float(v[i]) for v in realised) for i, k in enumerate(keys)]
+        groups: dict[tuple, list[int]] = {}
+        for i in np.flatnonzero(keep):
+            groups.setdefault(keys[i], []).append(i)
+        return [np.array(g) for g in groups.values()]
 
     def positive(self, *columns: str) -> np.ndarray:
         """Rows whose ``columns`` all hold finite numbers > 0; _Skip naming a column none has."""

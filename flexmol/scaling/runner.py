@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 from flexmol.scaling import ScalingError
-from flexmol.scaling.spec import Run, SourceFacts, Spec, flop_models, load_spec, plan, rung_yaml, source_facts
+from flexmol.scaling.spec import (Run, SourceFacts, Spec, check_probe, flop_models, load_spec, plan, rung_yaml,
+                                  source_facts)
 
 FIXED_COLUMNS = ["run", "status", "size", "params", "budget", "schedule", "ratio", "seed", "molecules",
                  "unique_molecules", "molecules_paired", "molecules_single_2d", "molecules_single_3d", "unique_paired",
@@ -71,7 +72,8 @@ def phase_config(spec: Spec, run: Run, index: int, out: Path) -> dict:
         "stage": phase.stage,
         "model": {"size": str((out / "models" / f"{run.rung}.yaml").resolve())},
         "data": {**{s: spec.data[s] for s in phase.molecules}, "max_atoms": t.max_atoms,
-                 "num_workers": 0 if spec.run.gpus_per_run == 0 else 2,
+                 # loader workers beside the training process, within the run's CPUs
+                 "num_workers": min(2, spec.run.cpus_per_run - 1),
                  "subset": dict(phase.subset), "subset_seed": spec.subset_seed,
                  "mix": [{"step": 0, "weights": dict(phase.weights)}]},
         "train": {"max_steps": phase.steps, "lr": t.lr, "warmup_steps": int(round(t.warmup_fraction * phase.steps)),
@@ -121,12 +123,7 @@ def _train_phase(spec: Spec, run: Run, index: int, out: Path, lock_fd: int) -> N
         OmegaConf.update(cfg, k, v, force_add=True)
     config_file = pdir / "pretrain.yaml"
     config_file.write_text(OmegaConf.to_yaml(cfg))
-    gpus = spec.run.gpus_per_run
-    if gpus > 1:
-        launcher = Path(__file__).resolve().parents[2] / "launch" / "pretrain.py"
-        command = ["deepspeed", "--num_gpus", str(gpus), str(launcher), "--config", str(config_file)]
-    else:
-        command = [sys.executable, "-m", "flexmol.train.cli", "--config", str(config_file)]
+    command = train_command(spec.run.gpus_per_run, config_file)
     threads = str(spec.run.cpus_per_run)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     log = pdir / "log.txt"
@@ -149,15 +146,44 @@ def _train_phase(spec: Spec, run: Run, index: int, out: Path, lock_fd: int) -> N
                         f"log {log}:\n{_tail(log)}")
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the process that started it dies (Linux), so a killed sweep's
-    training processes checkpoint and stop instead of running on unattended."""
+def train_command(gpus: int, config_file: Path, env: dict | None = None) -> list[str]:
+    """The command that trains one phase: this Python on ``flexmol.train.cli`` for one process; for
+    several GPUs the DeepSpeed launcher of this Python's installation on the GPUs Ray gave the task
+    (``CUDA_VISIBLE_DEVICES``; DeepSpeed's ``--num_gpus`` would take GPUs 0..N-1 whatever Ray
+    assigned) with a free rendezvous port (runs share a node)."""
+    if gpus <= 1:
+        return [sys.executable, "-m", "flexmol.train.cli", "--config", str(config_file)]
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if len([d for d in visible.split(",") if d.strip()]) != gpus:
+        raise RunFailed(f"run.gpus_per_run={gpus} but the task was given CUDA_VISIBLE_DEVICES={visible!r}")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = Path(__file__).resolve().parents[2] / "launch" / "pretrain.py"
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--include", f"localhost:{visible}", "--master_port",
+            str(port), str(launcher), "--config", str(config_file)]
+
+
+def _prctl():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded here: not between fork and exec
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies (Linux, PR_SET_PDEATHSIG), so a
+    killed sweep's training processes checkpoint and stop instead of running on unattended."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
 
 
 def heldout_evaluation(spec: Spec, facts: dict[str, SourceFacts], export: Path, seed: int = 0) -> dict[str, float]:
@@ -167,16 +193,17 @@ def heldout_evaluation(spec: Spec, facts: dict[str, SourceFacts], export: Path, 
 
     from flexmol import load_pretrained
     from flexmol.data.streams import fixed_batches
-    from flexmol.objectives import ObjectiveConfig
+    from flexmol.scaling.spec import objective as study_objective
     from flexmol.train.trainer import heldout_losses
 
-    model = load_pretrained(export).eval()
-    objective = dataclasses.replace(ObjectiveConfig(), gather_negatives="off")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(export).to(device).eval()
+    objective = dataclasses.replace(study_objective(spec), gather_negatives="off")
     out = {}
     for source, f in facts.items():
         batches = fixed_batches(f.heldout_urls, max_atoms=spec.train.max_atoms, max_molecules=spec.heldout.max_molecules,
                                 max_spd=model.cfg.max_spd, max_path=model.cfg.max_path)
-        sums, n = heldout_losses(model, batches, objective, seed=seed, device=torch.device("cpu"))
+        sums, n = heldout_losses(model, batches, objective, seed=seed, device=device)
         for k, v in sorted(sums.items()):
             out[f"val/{source}/{k}"] = float(v) / float(n)
     return out
@@ -208,8 +235,8 @@ def probe_score(spec: Spec, out: Path, export: Path) -> dict:
 
     p = spec.probe
     data = probe_data(spec, out)
-    model = load_pretrained(export)
-    x = embeddings(model, data, "2d", 128, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = embeddings(load_pretrained(export).to(device), data, "2d", 128, device)
     scores = []
     for seed in p.seeds:
         split = make_split(p.split, data.smiles, seed)
@@ -218,9 +245,12 @@ def probe_score(spec: Spec, out: Path, export: Path) -> dict:
 
 
 def probe_column(spec: Spec) -> str | None:
-    if not spec.probe.data:
+    """``probe_SET_METRIC``: SET the named set (b3db, bbbp for moleculenet:bbbp) or the file's stem."""
+    data = spec.probe.data
+    if not data:
         return None
-    name = Path(spec.probe.data).stem if "/" in spec.probe.data else spec.probe.data.replace("moleculenet:", "")
+    named = data in ("b3db", "qm9") or data.startswith("moleculenet:")
+    name = data.replace("moleculenet:", "") if named else Path(data).name.split(".")[0]
     return f"probe_{name}_{spec.probe.metric}"
 
 
@@ -253,7 +283,8 @@ def run_one(spec: Spec, facts: dict[str, SourceFacts], flops: dict, run: Run, ou
             export = rdir / f"phase{len(run.phases)}" / "export"
             losses = heldout_evaluation(spec, facts, export)
             row.update({"molecules": sum(seen.values()), "unique_molecules": sum(unique.values()),
-                        **{f"molecules_{k}": v for k, v in seen.items()}, **{f"unique_{k}": v for k, v in unique.items()},
+                        **{f"molecules_{k}": seen.get(k, 0) for k in spec.data},
+                        **{f"unique_{k}": unique.get(k, 0) for k in spec.data},
                         "passes": sum(seen.values()) / max(1, sum(unique.values())), "steps": steps, **work_flops,
                         "val_loss": sum(losses[f"val/{item}"] for item in spec.heldout.loss), **losses})
             column = probe_column(spec)
@@ -271,45 +302,66 @@ def run_one(spec: Spec, facts: dict[str, SourceFacts], flops: dict, run: Run, ou
     finally:
         os.close(lock)
     row["wall_seconds"] = round(time.perf_counter() - started, 1)
-    row["digest"] = run.digest(spec)
+    row["digest"], row["evaluation_digest"] = run.digest(spec), run.evaluation_digest(spec)
     _write_atomic(rdir / "result.json", json.dumps(row, indent=1) + "\n")
     return row
 
 
 # -- the sweep ----------------------------------------------------------------------------------
-def prepare(spec: Spec, runs: list[Run], out: Path, facts: dict[str, SourceFacts]) -> tuple[list[Run], dict]:
-    """The study directory: spec, model configs, FLOP models, probe cache, run directories. Returns
-    the runs not finished before (a finished one has a result with the same digest) and the FLOP
-    models; a run directory made by another definition of the run is refused."""
+def check_run_dirs(spec: Spec, runs: list[Run], out: Path) -> None:
+    """Refuse, before anything is written, a study directory whose run directories were made by
+    another definition of their run (or hold an unreadable ``run.json``)."""
+    for run in runs:
+        known = out / "runs" / run.name / "run.json"
+        if not known.exists():
+            continue
+        try:
+            before = json.loads(known.read_text())
+            same = before["digest"] == run.digest(spec)
+            changed = [] if same else sorted(k for k in run.definition(spec)
+                                             if before["definition"].get(k) != run.definition(spec)[k])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ScalingError(f"{known}: not a run definition this sweep can read ({type(exc).__name__}: {exc}); "
+                               "remove that run directory to run it again") from None
+        if not same:
+            raise ScalingError(f"{known.parent}: made by another definition of run {run.name} (changed: "
+                               f"{', '.join(changed) or 'the code that defines it'}); use another --out or remove "
+                               "that directory")
+
+
+def prepare(spec: Spec, runs: list[Run], selected: list[Run], out: Path, facts: dict[str, SourceFacts]
+            ) -> tuple[list[Run], dict]:
+    """The study directory: spec and plan (``runs``: all of them), model configs, FLOP models, the
+    probe cache, run directories. Returns the ``selected`` runs still to do and the FLOP models. A
+    finished run (its result with the same training digest) is not trained again; when only the
+    evaluation changed (held-out losses, val_loss, probe) its export is evaluated again."""
+    check_run_dirs(spec, runs, out)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "study.json", json.dumps({"spec": dataclasses.asdict(spec),
                                                   "runs": [dataclasses.asdict(r) for r in runs]}, indent=1) + "\n")
     (out / "models").mkdir(exist_ok=True)
     for rung in spec.models.rungs:
         _write_atomic(out / "models" / f"{rung}.yaml", rung_yaml(spec, rung))
-    (out / "flops").mkdir(exist_ok=True)
-    models = flop_models(spec, runs, out / "flops", log=lambda m: print(f"[scaling] {m}", flush=True))
-    if probe_column(spec):
-        print(f"[scaling] probe set {spec.probe.data}: {probe_data(spec, out, progress=True).summary()}", flush=True)
     todo = []
-    for run in runs:
+    for run in selected:
         rdir = out / "runs" / run.name
         rdir.mkdir(parents=True, exist_ok=True)
-        digest = run.digest(spec)
-        known = rdir / "run.json"
-        if known.is_file():
-            before = json.loads(known.read_text())
-            if before.get("digest") != digest:
-                changed = sorted(k for k in before["definition"] if before["definition"][k] != run.definition(spec)[k])
-                raise ScalingError(f"{rdir}: made by another definition of run {run.name} (changed: "
-                                   f"{', '.join(changed) or 'code'}); use another --out or remove that directory")
-        else:
-            _write_atomic(known, json.dumps({"digest": digest, "definition": run.definition(spec)}, indent=1) + "\n")
+        if not (rdir / "run.json").exists():
+            _write_atomic(rdir / "run.json", json.dumps({"digest": run.digest(spec), "definition": run.definition(spec)},
+                                                        indent=1) + "\n")
         result = _read_result(rdir)
-        if result and result.get("status") == "done" and result.get("digest") == digest:
-            continue
-        todo.append(run)
+        if not (result and result.get("status") == "done" and result.get("digest") == run.digest(spec)
+                and result.get("evaluation_digest") == run.evaluation_digest(spec)):
+            todo.append(run)
+    (out / "flops").mkdir(exist_ok=True)
+    models = flop_models(spec, todo, out / "flops", log=lambda m: print(f"[scaling] {m}", flush=True))
+    if todo and probe_column(spec):
+        print(f"[scaling] probe set {spec.probe.data}: {probe_data(spec, out, progress=True).summary()}", flush=True)
     return todo, models
+
+
+def _current(runs: list[Run], spec: Spec, row: dict) -> str | None:
+    return next((r.digest(spec) for r in runs if r.name == row.get("run")), None)
 
 
 def _read_result(rdir: Path) -> dict | None:
@@ -319,9 +371,11 @@ def _read_result(rdir: Path) -> dict | None:
         return None
 
 
-def write_table(out: Path, runs: list[Run]) -> Path:
-    """``OUT/runs.csv``: one row per planned run that has a result, in plan order."""
-    rows = [r for r in (_read_result(out / "runs" / run.name) for run in runs) if r]
+def write_table(out: Path, spec: Spec, runs: list[Run]) -> Path:
+    """``OUT/runs.csv``: one row per run of the plan with a result of its current definition, in
+    plan order."""
+    rows = [r for r in (_read_result(out / "runs" / run.name) for run in runs)
+            if r and r.get("digest") in (None, _current(runs, spec, r))]
     extra = sorted({k for r in rows for k in r if k.startswith("val/")})
     probes = sorted({k for r in rows for k in r if k.startswith("probe_") and k != "probe_by_seed"})
     columns = FIXED_COLUMNS + extra + probes + ["wall_seconds", "error"]
@@ -344,6 +398,19 @@ def _connect_ray(spec: Spec, parallel: int):
     return ray, owns
 
 
+def _check_resources(ray, spec: Spec) -> None:
+    """A run asking for more GPUs (or CPUs) than the Ray cluster has would wait forever: refused
+    on a local Ray; on a cluster (whose autoscaler may add nodes) said once."""
+    have = ray.cluster_resources()
+    short = [f"{need} {what} per run (run.{key}) but the Ray cluster has {have.get(what, 0):g}"
+             for what, key, need in (("GPU", "gpus_per_run", spec.run.gpus_per_run),
+                                     ("CPU", "cpus_per_run", spec.run.cpus_per_run)) if need > have.get(what, 0)]
+    if short and not os.environ.get("RAY_ADDRESS"):
+        raise ScalingError("; ".join(short))
+    for line in short:
+        print(f"[scaling] warning: {line}; runs wait until the cluster has them", file=sys.stderr, flush=True)
+
+
 def run_sweep(spec_path: str, out: str, parallel: int | None = None, only: list[str] | None = None) -> int:
     """Every run of the spec not finished before, ``parallel`` at a time (a local Ray; a cluster
     through RAY_ADDRESS schedules by each run's CPUs and GPUs). 0 when every run is done, 1 when
@@ -358,6 +425,7 @@ def run_sweep(spec_path: str, out: str, parallel: int | None = None, only: list[
     parallel = parallel if parallel is not None else spec.run.parallel
     if parallel < 1:
         raise ScalingError(f"--parallel must be at least 1, got {parallel}")
+    check_probe(spec)
     facts = source_facts(spec)
     runs = plan(spec, facts)
     if only:
@@ -366,15 +434,15 @@ def run_sweep(spec_path: str, out: str, parallel: int | None = None, only: list[
         if unknown:
             raise ScalingError(f"--only: {', '.join(unknown)} not in the plan (flexmol scaling plan {spec_path} "
                                "lists the runs)")
-        runs = [r for r in runs if r.name in only]
-    todo, flops = prepare(spec, runs, out_dir, facts)
-    done_before = len(runs) - len(todo)
-    print(f"[scaling] {spec.name}: {len(runs)} run(s); {done_before} done before, {len(todo)} to run, "
+    selected = [r for r in runs if r.name in only] if only else runs
+    todo, flops = prepare(spec, runs, selected, out_dir, facts)
+    print(f"[scaling] {spec.name}: {len(selected)} run(s); {len(selected) - len(todo)} done before, {len(todo)} to run, "
           f"{parallel} at a time", flush=True)
     failed = []
     if todo:
         ray, owns = _connect_ray(spec, parallel)
         try:
+            _check_resources(ray, spec)
             task = ray.remote(num_cpus=spec.run.cpus_per_run, num_gpus=spec.run.gpus_per_run,
                               max_retries=0)(run_one)
             refs = [ray.put(x) for x in (spec, facts, flops)]
@@ -403,11 +471,11 @@ def run_sweep(spec_path: str, out: str, parallel: int | None = None, only: list[
                     failed.append(run.name)
                     print(f"[scaling] {finished}/{len(todo)} {run.name} FAILED: {row.get('error', '?')}", file=sys.stderr,
                           flush=True)
-                write_table(out_dir, runs)
+                write_table(out_dir, spec, runs)
         finally:
             if owns:
                 ray.shutdown()
-    table = write_table(out_dir, runs)
-    print(f"[scaling] {table}: {len(runs) - len(failed)} of {len(runs)} run(s) done"
+    table = write_table(out_dir, spec, runs)
+    print(f"[scaling] {table}: {len(selected) - len(failed)} of {len(selected)} run(s) done"
           + (f"; failed: {', '.join(failed)} (rerun the same command to retry them)" if failed else ""), flush=True)
     return 1 if failed else 0

@@ -30,13 +30,21 @@ from flexmol.scaling import ScalingError
 
 SOURCES = ("paired", "single_2d", "single_3d")
 SCHEDULES = ("mixed", "two_phase")
+# The held-out losses each source's batches give (flexmol.objectives.pretraining_losses, stage-1 objective)
+LOSSES = {"paired": ("total", "contrastive", "consistency", "alignment", "atom", "spd", "coord", "dist"),
+          "single_2d": ("total", "consistency", "atom", "spd"),
+          "single_3d": ("total", "consistency", "coord", "dist")}
+# Keys a study sets per run: train.overrides may not change them
+RUN_KEYS = ("stage", "model", "output_dir", "resume", "init_from", "data.paired", "data.single_2d", "data.single_3d",
+            "data.subset", "data.subset_seed", "data.mix", "data.max_atoms", "train.max_steps", "train.warmup_steps",
+            "train.lr", "train.decay", "train.seed", "train.stop_after", "validation")
 
 
 @dataclass
 class ModelsSection:
     base: str = "tiny"  # the preset (or model YAML) every rung starts from
     # rung name -> model keys over the base (dim, heads, layers, decoder_layers, mm_layers, ...)
-    rungs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    rungs: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,20 +125,33 @@ class Run:
     flops: Optional[float] = None  # estimated (plan), from measured FLOPs per molecule
 
     def definition(self, spec: Spec) -> dict:
-        """What makes this run what it is: compared with a run directory's before it is reused."""
+        """What its training is: compared with a run directory's before it is reused (a change
+        needs another study directory)."""
         return {"name": self.name, "rung": spec.models.rungs[self.rung], "base": spec.models.base,
-                "seed": self.seed, "phases": [dataclasses.asdict(p) for p in self.phases],
-                "data": spec.data, "heldout": dataclasses.asdict(spec.heldout), "train": dataclasses.asdict(spec.train),
-                "subset_seed": spec.subset_seed}
+                "seed": self.seed, "phases": [dataclasses.asdict(p) for p in self.phases], "data": spec.data,
+                "heldout_shards": spec.heldout.shards, "train": dataclasses.asdict(spec.train),
+                "subset_seed": spec.subset_seed, "gpus_per_run": spec.run.gpus_per_run}
 
     def digest(self, spec: Spec) -> str:
-        return hashlib.sha256(json.dumps(self.definition(spec), sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(self.definition(spec))
+
+    @staticmethod
+    def evaluation_digest(spec: Spec) -> str:
+        """What its evaluation is (held-out losses, val_loss, probe): a change re-evaluates the
+        finished runs' exports without training them again."""
+        return _digest({"heldout": dataclasses.asdict(spec.heldout), "probe": dataclasses.asdict(spec.probe)})
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_spec(path: str | Path) -> Spec:
     """The spec in ``path``, checked (:func:`validate`); dataset paths resolve against the spec's
     directory when they exist there, else against the working directory."""
     path = Path(path)
+    if path.is_dir():
+        raise ScalingError(f"{path}: is a directory, not a spec file")
     if not path.is_file():
         raise ScalingError(f"{path}: no such spec file")
     try:
@@ -147,10 +168,12 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def _resolve(value: str, base: Path) -> str:
+    """Absolute (runs read it from other processes, and on a cluster from other machines): against
+    the spec's directory when it exists there, else the working directory."""
     p = Path(value)
     if not p.is_absolute() and (base / p).exists():
         return str((base / p).resolve())
-    return str(p)
+    return str(p.resolve())
 
 
 def validate(spec: Spec) -> None:
@@ -171,6 +194,13 @@ def validate(spec: Spec) -> None:
         fail("data", f"names no dataset ({', '.join(SOURCES)})")
     if not spec.models.rungs:
         fail("models.rungs", "is empty: name at least one model size")
+    import re
+
+    for rung, keys in spec.models.rungs.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", rung):
+            fail(f"models.rungs.{rung}", "a rung name is letters, digits, '_' and '.' (it names files and runs)")
+        if keys is not None and not isinstance(keys, dict):
+            fail(f"models.rungs.{rung}", f"must map model keys to values (e.g. {{dim: 64, heads: 4}}), got {keys!r}")
     if not spec.seeds:
         fail("seeds", "is empty")
     if any(s < 0 for s in spec.seeds) or len(set(spec.seeds)) != len(spec.seeds):
@@ -186,9 +216,9 @@ def validate(spec: Spec) -> None:
         fail("heldout.loss", "is empty: name the held-out losses (SOURCE/LOSS) whose sum is val_loss")
     for item in h.loss:
         source, _, loss = item.partition("/")
-        if source not in spec.data or not loss:
-            fail("heldout.loss", f"'{item}' is not SOURCE/LOSS with SOURCE one of the study's sources "
-                                 f"({', '.join(spec.data)})")
+        if source not in spec.data or loss not in LOSSES.get(source, ()):
+            fail("heldout.loss", f"'{item}' is not SOURCE/LOSS of the study's sources: "
+                                 + "; ".join(f"{s}/{{{','.join(LOSSES[s])}}}" for s in spec.data if s in LOSSES))
     t = spec.train
     if not (math.isfinite(t.lr) and t.lr > 0):
         fail("train.lr", f"must be a positive number, got {t.lr}")
@@ -203,6 +233,17 @@ def validate(spec: Spec) -> None:
     for key in ("gpus_per_run", "max_retries"):
         if getattr(r, key) < 0:
             fail(f"run.{key}", f"must be 0 or more, got {getattr(r, key)}")
+    for key in t.overrides:
+        if any(key == k or key.startswith(k + ".") for k in RUN_KEYS):
+            fail(f"train.overrides.{key}", "is set by the study for each run (its model, data, budget, schedule, "
+                                           "seed, held-out set); change the spec's own keys instead")
+    if t.overrides:  # checked as the pre-training config checks them (a placeholder dataset: no data read)
+        from flexmol.train.config import load as load_pretrain
+
+        try:
+            load_pretrain(None, [f"{k}={json.dumps(v)}" for k, v in t.overrides.items()] + ["data.paired=[-]"])
+        except ConfigError as exc:
+            fail("train.overrides", str(exc))
     if spec.probe.data:
         from flexmol.finetune.config import METRICS
 
@@ -211,6 +252,9 @@ def validate(spec: Spec) -> None:
                                  f"({', '.join(m for m, t in METRICS.items() if t == spec.probe.task) or 'none'})")
         if not spec.probe.seeds:
             fail("probe.seeds", "is empty")
+        if spec.probe.split == "scaffold" and len(spec.probe.seeds) > 1:
+            fail("probe.seeds", "the scaffold split is the same for every seed (and the probe is deterministic): "
+                                "give one seed, or split: random for a spread over seeds")
     mix_mode = spec.paired_size is not None or spec.ratios or spec.schedules
     if spec.budgets and mix_mode:
         fail("budgets", "a spec scales either budgets or paired_size x ratios x schedules, not both")
@@ -290,7 +334,7 @@ def rung_config(spec: Spec, rung: str):
 
     keys = spec.models.rungs[rung] or {}
     try:
-        return model_config(spec.models.base, [f"{k}={v}" for k, v in keys.items()], key="models.base")
+        return model_config(spec.models.base, [f"{k}={json.dumps(v)}" for k, v in keys.items()], key="models.base")
     except ConfigError as exc:
         raise ScalingError(f"{spec.path}: key 'models.rungs.{rung}': {exc}") from None
 
@@ -302,11 +346,12 @@ def rung_yaml(spec: Spec, rung: str) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(rung_config(spec, rung)))
 
 
-def _steps(molecules: Dict[str, float], facts: dict[str, SourceFacts]) -> tuple[int, Dict[str, float]]:
-    """Steps to see ``molecules`` per source, and the per-step source weights that draw them."""
+def _steps(molecules: Dict[str, float], facts: dict[str, SourceFacts], ranks: int = 1) -> tuple[int, Dict[str, float]]:
+    """Steps to see ``molecules`` per source when each step trains one batch on each of ``ranks``
+    processes, and the per-batch source weights that draw them."""
     batches = {k: m / facts[k].molecules_per_batch for k, m in molecules.items() if m > 0}
     total = sum(batches.values())
-    return max(1, math.ceil(total)), {k: b / total for k, b in batches.items()}
+    return max(1, math.ceil(total / ranks)), {k: b / total for k, b in batches.items()}
 
 
 def plan(spec: Spec, facts: dict[str, SourceFacts] | None = None) -> list[Run]:
@@ -315,6 +360,10 @@ def plan(spec: Spec, facts: dict[str, SourceFacts] | None = None) -> list[Run]:
 
     facts = facts if facts is not None else source_facts(spec)
     params = {r: parameter_count(rung_config(spec, r), f"models.rungs.{r}") for r in spec.models.rungs}
+    ranks = max(1, spec.run.gpus_per_run)
+
+    def _steps_(molecules):
+        return _steps(molecules, facts, ranks)
 
     def unique(source: str, molecules: float, key: str) -> int:
         n = max(1, math.ceil(molecules / spec.passes))
@@ -331,7 +380,7 @@ def plan(spec: Spec, facts: dict[str, SourceFacts] | None = None) -> list[Run]:
             if spec.budgets:
                 (source,) = spec.data
                 for budget in sorted(spec.budgets):
-                    steps, weights = _steps({source: budget}, facts)
+                    steps, weights = _steps_({source: budget})
                     phase = Phase(1, steps, {source: budget}, {source: unique(source, budget, "budgets")}, weights)
                     runs.append(Run(f"{rung}-b{budget}-s{seed}", rung, params[rung], seed, [phase], budget))
                 continue
@@ -342,22 +391,33 @@ def plan(spec: Spec, facts: dict[str, SourceFacts] | None = None) -> list[Run]:
                 schedules = ["paired_only"] if ratio == 0 else spec.schedules
                 for schedule in schedules:
                     if schedule == "paired_only":
-                        steps, w = _steps({"paired": p_seen}, facts)
+                        steps, w = _steps_({"paired": p_seen})
                         phases = [Phase(1, steps, {"paired": round(p_seen)}, {"paired": p_unique}, w)]
                     else:
                         s_unique = unique("single_2d", s_seen, "ratios")
                         if schedule == "mixed":
-                            steps, w = _steps({"paired": p_seen, "single_2d": s_seen}, facts)
+                            steps, w = _steps_({"paired": p_seen, "single_2d": s_seen})
                             phases = [Phase(1, steps, {"paired": round(p_seen), "single_2d": round(s_seen)},
                                             {"paired": p_unique, "single_2d": s_unique}, w)]
                         else:  # two_phase
-                            s1, w1 = _steps({"paired": p_seen}, facts)
-                            s2, w2 = _steps({"single_2d": s_seen}, facts)
+                            s1, w1 = _steps_({"paired": p_seen})
+                            s2, w2 = _steps_({"single_2d": s_seen})
                             phases = [Phase(1, s1, {"paired": round(p_seen)}, {"paired": p_unique}, w1),
                                       Phase(2, s2, {"single_2d": round(s_seen)}, {"single_2d": s_unique}, w2)]
                     runs.append(Run(f"{rung}-{schedule}-r{ratio:g}-s{seed}", rung, params[rung], seed, phases,
                                     sum(sum(p.molecules.values()) for p in phases), schedule, ratio))
     return runs
+
+
+def objective(spec: Spec):
+    """The objective every run trains with: the defaults and the spec's ``objective.*`` overrides."""
+    from flexmol.objectives import ObjectiveConfig
+
+    keys = {k.split(".", 1)[1]: v for k, v in spec.train.overrides.items() if k.startswith("objective.")}
+    try:
+        return config.build(ObjectiveConfig, {}, overrides=[f"{k}={json.dumps(v)}" for k, v in keys.items()])
+    except ConfigError as exc:
+        raise ScalingError(f"{spec.path}: key 'train.overrides': {exc}") from None
 
 
 def flop_models(spec: Spec, runs: list[Run], cache_dir: Path, log=None) -> dict:
@@ -373,7 +433,8 @@ def flop_models(spec: Spec, runs: list[Run], cache_dir: Path, log=None) -> dict:
     for rung, stage in sorted({(r.rung, p.stage) for r in runs for p in r.phases}):
         if log:
             log(f"FLOPs of model {rung}, stage {stage}, on real batches")
-        models[(rung, stage)] = flop_model(rung_config(spec, rung), records, stage=stage, cache_dir=cache_dir)
+        models[(rung, stage)] = flop_model(rung_config(spec, rung), records, stage=stage, cache_dir=cache_dir,
+                                           objective=objective(spec))
     return models
 
 
@@ -388,8 +449,23 @@ def estimate_flops(spec: Spec, runs: list[Run], facts: dict[str, SourceFacts], m
                         for p in run.phases)
 
 
+def check_probe(spec: Spec) -> None:
+    """The probe set opens, with its SMILES and target columns (nothing featurised yet)."""
+    if not spec.probe.data:
+        return
+    from flexmol.config import SourceOptions
+    from flexmol.data.registry import DatasetUnavailable
+    from flexmol.data.sources import SourceError, open_source
+
+    try:
+        open_source(spec.probe.data, SourceOptions(label_columns=list(spec.probe.targets)))
+    except (SourceError, DatasetUnavailable, ConfigError, OSError) as exc:
+        raise ScalingError(f"{spec.path}: key 'probe.data': {str(exc).splitlines()[0]}") from None
+
+
 def plan_table(spec: Spec, measure: bool = True) -> str:
     """The plan as text: rungs with their sizes and parameters, then one line per run."""
+    check_probe(spec)
     facts = source_facts(spec)
     runs = plan(spec, facts)
     if measure:
