@@ -4,6 +4,7 @@ the extrapolation check tells a law that holds from one that breaks, compute-opt
 match Chinchilla's, and a table that cannot support a fit is one line naming what is wrong."""
 import csv
 import json
+from itertools import product
 
 import numpy as np
 import pytest
@@ -181,7 +182,8 @@ def test_compute_optimal_follows_the_measured_compute_not_6ND(tmp_path):
 
 def test_failed_runs_are_ignored_and_counted(noisy):
     assert noisy["n_points"] == 25 and noisy["ignored_rows"] == {"failed": 2}
-    assert noisy["columns"] == {"n": "params", "d": "molecules", "loss": "val_loss", "c": "flops"}
+    assert noisy["columns"] == {"n": "params", "d": "molecules", "loss": "val_loss", "c": "flops", "budget": "budget"}
+    assert noisy["planned_by"] == "molecules"  # no budget column: design points by the data column
     assert noisy["huber_delta"] == 1e-3
 
 
@@ -234,7 +236,8 @@ def _grid(n_sizes=3, n_budgets=3, **override):
     (lambda d: _rows(d / "t.csv", _grid(**{"s1-d2": -0.5})), ["run s1-d2", "val_loss='-0.5'", "> 0"]),
     (lambda d: _rows(d / "t.csv", _grid(**{"s2-d0": "nan"})), ["run s2-d0", "val_loss='nan'"]),
     (lambda d: _rows(d / "t.csv", _grid(**{"s0-d1": ""})), ["run s0-d1", "val_loss=''"]),
-    (lambda d: _rows(d / "t.csv", _grid()[:4]), ["4 done run(s)", "at least 5"]),
+    (lambda d: _rows(d / "t.csv", [r for r in _grid() if r[0] not in ("s0-d1", "s1-d2", "s2-d0")]),
+     ["6 design points (params x molecules) in 6 done run(s)", "5 parameters need at least 7"]),
     (lambda d: _rows(d / "t.csv", _grid(n_sizes=1, n_budgets=6)), ["1 distinct params", "3 model sizes"]),
     (lambda d: _rows(d / "t.csv", _grid(n_sizes=6, n_budgets=1)), ["1 distinct molecules", "3 data values"]),
     (lambda d: _rows(d / "t.csv", [r[:2] + ["1", "2", "3", "4", "5"] for r in _grid()]), ["line 2", "more cells"]),
@@ -258,3 +261,129 @@ def test_a_bad_out_or_bootstrap_is_refused_before_fitting(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err and (tmp_path / "taken").read_text() == "x"
     assert cli(["scaling", "fit", str(table), "--out", str(tmp_path / "o"), "--bootstrap", "-1"]) == 2
     assert "--bootstrap must be >= 0" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables as the runner writes them: several seeds per design point, realised molecules off budget
+
+RUNNER_COLUMNS = ["run", "status", "size", "params", "budget", "schedule", "ratio", "seed", "molecules",
+                  "unique_molecules", "molecules_paired", "molecules_single_2d", "molecules_single_3d",
+                  "unique_paired", "unique_single_2d", "unique_single_3d", "passes", "steps", "flops",
+                  "flops_padded", "val_loss", "val/paired/total", "probe_b3db_roc_auc", "wall_seconds", "error"]
+
+
+def runner_table(path, *, sizes=SIZES, budgets=BUDGETS, seeds=(0, 1), sigma=0.0, loss=law, drop=()):
+    """A ladder's runs.csv in the runner's shape (``s1-b4000-s0``: size, budget, seed): each run
+    sees a seed-dependent 0-1.5% fewer molecules than its budget (as real runs do: 3946 and 3931
+    of 4000), so the realised D of a size's largest budget is largest for one seed or the other;
+    its loss is the law at the molecules it saw, with log-normal noise; ``drop``: columns left out."""
+    rng = np.random.default_rng(7)
+    columns = [c for c in RUNNER_COLUMNS if c not in drop]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
+        w.writeheader()
+        for (i, N), B, s in product(enumerate(sizes, start=1), budgets, seeds):
+            D = int(B * (1 - 0.015 * rng.random()))
+            value = float(loss(N, D) * np.exp(sigma * rng.standard_normal()))
+            w.writerow({"run": f"s{i}-b{int(B)}-s{s}", "status": "done", "size": f"s{i}", "params": int(N),
+                        "budget": int(B), "seed": s, "molecules": D, "unique_molecules": D, "molecules_paired": D,
+                        "unique_paired": D, "passes": 1.0, "steps": D // 64, "flops": 7.5 * N * D,
+                        "flops_padded": 7.7 * N * D, "val_loss": value, "val/paired/total": value,
+                        "probe_b3db_roc_auc": 0.7, "wall_seconds": 40.0, "error": ""})
+    return path
+
+
+def test_single_variable_fits_take_every_seed_of_the_planned_points(tmp_path):
+    """L(N) takes each size at its largest *planned* budget with all its seeds, though the seeds'
+    realised molecule counts differ; L(D) all runs of the largest model; L(C) the design points on
+    the frontier of mean compute and loss, each with all its seeds."""
+    table = runner_table(tmp_path / "runs.csv", sigma=0.01)
+    rows = list(csv.DictReader(open(table)))
+    at_largest = [r for r in rows if r["budget"] == str(int(BUDGETS[-1]))]
+    assert len({r["molecules"] for r in at_largest}) == 10  # realised D: a different value for every run
+    fit = fit_csv(table, tmp_path, bootstrap=0)
+    assert fit["planned_by"] == "budget" and fit["n_points"] == 50 and fit["n_design_points"] == 25
+    assert fit["L_N"]["rows"] == [r["run"] for r in at_largest] and "largest budget" in fit["L_N"]["selection"]
+    assert fit["L_D"]["rows"] == [r["run"] for r in rows if r["size"] == "s5"]
+    point = {r["run"]: (r["size"], r["budget"]) for r in rows}
+    mean = {}
+    for r in rows:
+        mean.setdefault(point[r["run"]], []).append((float(r["flops"]), float(r["val_loss"])))
+    mean = {k: np.mean(v, axis=0) for k, v in mean.items()}
+    frontier = {k for k, (c, l) in mean.items() if not any(c2 <= c and l2 < l for c2, l2 in mean.values())}
+    assert sorted(fit["L_C"]["rows"]) == sorted(r["run"] for r in rows if point[r["run"]] in frontier)
+    assert len(fit["extrapolation"]["rows"]) == 10
+
+
+def test_a_budget_column_without_values_falls_back_to_the_data_column(tmp_path):
+    table = runner_table(tmp_path / "runs.csv", drop=("budget",))
+    fit = fit_csv(table, tmp_path, bootstrap=0)
+    assert fit["planned_by"] == "molecules" and fit["n_design_points"] == 50
+    assert len(fit["L_N"]["rows"]) == 5  # each size at its largest realised D: one seed each
+
+
+def test_a_single_variable_fit_needs_its_parameters_plus_two_design_points(tmp_path):
+    """A 4 x 4 ladder with two seeds: eight runs per size, but four sizes cannot identify L(N)'s three
+    parameters with any to spare; the joint law (16 points, 5 parameters) is fitted."""
+    fit = fit_csv(runner_table(tmp_path / "runs.csv", sizes=SIZES[:4], budgets=BUDGETS[:4]), tmp_path, bootstrap=0)
+    assert "alpha" in fit and fit["n_design_points"] == 16
+    for key, what in (("L_N", "4 distinct params values"), ("L_D", "4 distinct budget values")):
+        assert fit[key]["skipped"].startswith(what) and "its 3 parameters need at least 5" in fit[key]["skipped"]
+    assert f"L(N) skipped: {fit['L_N']['skipped']}" in fit["warnings"]
+    assert "L(N) = E + A/N^alpha: skipped (4 distinct params values" in format_fit(fit)
+
+
+def _flat_in_size(N, D):  # every size nearly the same loss: the N term has nothing to fit
+    return law(N, D, {**LAW, "A": 1e-6})
+
+
+def _step_after_smallest(N, D):  # the smallest size 10% worse, the others alike
+    return law(N, D) * (1.1 if N == SIZES[0] else 1.0) - LAW["A"] / N ** LAW["alpha"]
+
+
+@pytest.mark.parametrize("loss", [_flat_in_size, _step_after_smallest])
+def test_a_law_the_data_cannot_identify_is_flagged(tmp_path, loss):
+    """Sizes the loss barely tells apart: alpha runs to a bound in the fit and in its resamples;
+    the estimate, the interval's end, the summary and fit.json's warnings say so."""
+    fit = fit_csv(write_table(tmp_path / "runs.csv", sigma=0.01, loss=loss), tmp_path, bootstrap=10, seed=0)
+    info = fit["identification"]["alpha"]
+    assert fit["identified"] is False and info["estimate_at"] and info["interval_at_bounds"][1]
+    assert fit["intervals"]["alpha"][1] == 3.0 and info["resamples_at_bounds"][1] >= 0.025
+    warning = [w for w in fit["warnings"] if w.startswith("L(N, D): alpha = 3*, 95% interval [")]
+    assert len(warning) == 1, fit["warnings"]
+    assert warning[0].endswith("% at 3): * at a bound, not identified by these data")
+    assert f"{100 * info['resamples_at_bounds'][1]:.0f}% at 3" in warning[0]
+    assert json.loads((tmp_path / "fit.json").read_text())["warnings"] == fit["warnings"]
+    text = format_fit(fit)
+    assert any(line.startswith("  alpha           3*   [") and line.endswith(", 3*]") for line in text.splitlines())
+    assert "* at a bound (E near 0 or at the smallest loss, an exponent at 0 or 3): not identified" in text
+
+
+def test_a_law_the_data_identify_has_no_flag(noisy):
+    assert noisy["identified"] is True and noisy["warnings"] == []
+    assert all(not i["estimate_at"] and i["interval_at_bounds"] == [False, False] and i["resamples_at_bounds"]
+               == [0.0, 0.0] for i in noisy["identification"].values())
+    assert set(noisy["identification"]) == {"E", "alpha", "beta"} and "*" not in format_fit(noisy)
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda rows: [{k: v for k, v in r.items() if k != "flops"} for r in rows], "no column 'flops'"),
+    (lambda rows: [{**r, "flops": ""} for r in rows], "no values in column 'flops'"),
+    (lambda rows: [{**r, "flops": "" if r["run"] == "s2-b100000-s0" else r["flops"]} for r in rows],
+     "run s2-b100000-s0 has flops=''; a fit needs a finite number > 0"),
+])
+def test_without_compute_the_laws_of_N_and_D_are_fitted_and_L_C_is_skipped(tmp_path, capsys, edit, reason):
+    rows = edit(list(csv.DictReader(open(runner_table(tmp_path / "full.csv", seeds=(0,))))))
+    table = tmp_path / "runs.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert cli(["scaling", "fit", str(table), "--out", str(tmp_path / "fit"), "--bootstrap", "0"]) == 0
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert fit["alpha"] == pytest.approx(LAW["alpha"], rel=1e-2) and "alpha" in fit["L_N"] and "beta" in fit["L_D"]
+    assert fit["L_C"]["skipped"] == f"no measured compute ({reason})"
+    assert fit["compute_optimal"]["skipped"] == f"no measured compute ({reason})"
+    assert f"compute-optimal skipped: no measured compute ({reason})" in fit["warnings"]
+    out = capsys.readouterr().out
+    assert f"L(C) = E + A/C^gamma: skipped (no measured compute ({reason}))" in out

@@ -181,34 +181,24 @@ def test_a_sweep_runs_every_run_and_a_second_call_repeats_none(study_data, tmp_p
         assert log.count("flexmol.train.cli") == 1  # trained once
 
 
-def test_a_failed_run_is_reported_with_its_log_and_the_others_finish(study_data, tmp_path, capsys):
-    spec = _spec(tmp_path / "spec.yaml", study_data, **{"models.rungs": {"a": {"dim": 16, "heads": 2, "layers": 1}}})
-    out = tmp_path / "study"
-    broken = out / "runs" / "a-b60-s0" / "phase1" / "checkpoints"
-    broken.mkdir(parents=True)
-    (broken / "latest").write_text("step-00000009")  # a checkpoint tag whose files are missing
-    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "a-b60-s0 FAILED" in err and "log.txt" in err
-    rows = _rows(out / "runs.csv")
-    assert rows["a-b60-s0"]["status"] == "failed" and rows["a-b60-s0"]["error"]
-    assert rows["a-b120-s0"]["status"] == "done"
-    (broken / "latest").unlink()
-    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
-    assert "1 done before, 1 to run" in capsys.readouterr().out
-    assert _rows(out / "runs.csv")["a-b60-s0"]["status"] == "done"
-
-
 def test_a_changed_run_definition_is_refused_in_a_used_study_directory(study_data, tmp_path, capsys):
+    from flexmol.scaling.spec import load_spec, plan
+
     out = tmp_path / "study"
     spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60], **{"models.rungs": {"a": {"dim": 16, "heads": 2}}})
-    assert main(["scaling", "run", str(spec), "--out", str(out), "--only", "a-b60-s0"]) == 0
-    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60], **{"models.rungs": {"a": {"dim": 16, "heads": 2}},
-                                                                        "train.lr": 1e-3})
-    capsys.readouterr()
+    (run,) = plan(load_spec(spec))
+    before = load_spec(_spec(tmp_path / "before.yaml", study_data, budgets=[60],
+                             **{"models.rungs": {"a": {"dim": 16, "heads": 2}}, "train.lr": 1e-3}))
+    (out / "runs" / run.name).mkdir(parents=True)
+    (out / "runs" / run.name / "run.json").write_text(json.dumps({"digest": run.digest(before),
+                                                                    "definition": run.definition(before)}))
     assert main(["scaling", "run", str(spec), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "a-b60-s0" in err and "train" in err and "another --out" in err
+    assert "a-b60-s0" in err and "changed: train" in err and "another --out" in err
+    assert not (out / "study.json").exists()  # refused before anything was written
+    (out / "runs" / run.name / "run.json").write_text("{not json")
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 2
+    assert "run.json: not a run definition" in capsys.readouterr().err
 
 
 def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study_data, tmp_path):
@@ -242,13 +232,25 @@ def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study
     assert _rows(out / "runs.csv")["a-b12000-s0"]["status"] == "done"
 
 
-def test_a_paired_versus_single_study_runs_mixed_and_two_phase_schedules(study_data, tmp_path):
+def test_a_paired_versus_single_study_runs_mixed_and_two_phase_schedules(study_data, tmp_path, capsys):
     spec = _spec(tmp_path / "spec.yaml", study_data, budgets=None, paired_size=40, ratios=[0, 2], passes=2,
                  schedules=["mixed", "two_phase"], probe=None,
                  **{"data.single_2d": [str(study_data["nci"])], "models.rungs": {"a": {"dim": 16, "heads": 2}},
                     "heldout.loss": ["paired/total", "single_2d/atom"]})
     out = tmp_path / "study"
+    # one run cannot train (a checkpoint tag whose files are missing): reported with its log, the others finish
+    broken = out / "runs" / "a-paired_only-r0-s0" / "phase1" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "latest").write_text("step-00000009")
+    assert main(["scaling", "run", str(spec), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "a-paired_only-r0-s0 FAILED" in err and "log.txt" in err
+    rows = _rows(out / "runs.csv")
+    assert rows["a-paired_only-r0-s0"]["status"] == "failed" and rows["a-paired_only-r0-s0"]["error"]
+    assert rows["a-mixed-r2-s0"]["status"] == rows["a-two_phase-r2-s0"]["status"] == "done"
+    (broken / "latest").unlink()  # the same command retries it, and only it
     assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
+    assert "2 done before, 1 to run" in capsys.readouterr().out
     rows = _rows(out / "runs.csv")
     assert sorted(rows) == ["a-mixed-r2-s0", "a-paired_only-r0-s0", "a-two_phase-r2-s0"]
     assert all(r["status"] == "done" for r in rows.values())

@@ -42,7 +42,9 @@ def add_parsers(sub, make) -> None:
     fit.add_argument("--n-column", default="params", help="model size column")
     fit.add_argument("--d-column", default="molecules", help="data column")
     fit.add_argument("--loss-column", default="val_loss", help="loss column")
-    fit.add_argument("--c-column", default="flops", help="compute column")
+    fit.add_argument("--c-column", default="flops", help="compute column (L(C) and compute-optimal are skipped without it)")
+    fit.add_argument("--budget-column", default="budget",
+                     help="planned data column: runs at one (size, budget) are one design point, seeds together")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
     fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     fit.set_defaults(func=cmd_fit)
@@ -88,7 +90,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     try:
         result = fit_csv(args.csv, args.out, n_column=args.n_column, d_column=args.d_column,
-                         loss_column=args.loss_column, c_column=args.c_column, bootstrap=args.bootstrap,
+                         loss_column=args.loss_column, c_column=args.c_column, budget_column=args.budget_column,
+                         bootstrap=args.bootstrap,
                          seed=args.seed)
     except ScalingError as exc:
         return _failed("fit", exc)

@@ -133,7 +133,7 @@ def is_done(row: dict) -> bool:
     return (row.get("status") or "done").strip() == "done"
 
 
-def group_ids(*values: np.ndarray) -> np.ndarray:
+def _group_ids(*values: np.ndarray) -> np.ndarray:
     """An integer per row, equal for rows equal in every one of ``values`` (e.g. size and budget)."""
     if not len(values[0]):
         return np.zeros(0, int)
@@ -154,7 +154,7 @@ class _Table:
     @property
     def design(self) -> np.ndarray:
         """An id per run of its design point (model size, planned budget), shared by its seeds."""
-        return group_ids(self.N, self.planned)
+        return _group_ids(self.N, self.planned)
 
 
 def _values(path: Path, done: list[tuple[int, dict]], column: str) -> np.ndarray:
@@ -196,7 +196,8 @@ def _load(path: Path, columns: dict[str, str]) -> tuple[_Table, str]:
     planned = _values(path, done, planned_by) if planned_by != columns["d"] else D
     C, no_compute = None, None
     if not filled(columns["c"]):
-        no_compute = f"no values in column {columns['c']!r}" if columns["c"] in header else f"no column {columns['c']!r}"
+        where = "no values in" if columns["c"] in header else "no"
+        no_compute = f"{where} column {columns['c']!r}"
     else:
         try:
             C = _values(path, done, columns["c"])
@@ -370,7 +371,7 @@ def _at_largest_budget(table: _Table) -> np.ndarray:
 def compute_frontier(C: np.ndarray, L: np.ndarray, groups: Optional[np.ndarray] = None) -> np.ndarray:
     """The runs on the compute frontier, as a boolean mask: those of the groups that no cheaper (or
     equally cheap) group beats, on the groups' mean compute and loss. ``groups`` holds an id per
-    run (the seeds of one design point share one, see :func:`group_ids`); without it each run is
+    run (the seeds of one design point share one, see :func:`_group_ids`); without it each run is
     its own group."""
     ids = np.arange(len(C)) if groups is None else np.asarray(groups)
     _, inverse = np.unique(ids, return_inverse=True)
@@ -457,7 +458,7 @@ def _too_few(N: np.ndarray, planned: np.ndarray, n_column: str, d_column: str) -
         if _levels(values) < MIN_LEVELS:
             return (f"{_levels(values)} distinct {column} value(s); the joint fit needs at least {MIN_LEVELS} "
                     f"model sizes and {MIN_LEVELS} data values")
-    points = _levels(group_ids(N, planned))
+    points = _levels(_group_ids(N, planned))
     if points < JOINT.min_points:
         return (f"{points} design points ({n_column} x {d_column}) in {len(N)} done run(s); the joint fit's "
                 f"{len(JOINT.names)} parameters need at least {JOINT.min_points}")

@@ -21,6 +21,8 @@ the highest run, and each run a faint dot behind it. The legend says so.
 3. ``paired_vs_single``: loss and the linear-probe metric against single-modality molecules seen
    at a fixed paired set, one curve per mixing schedule, each starting from the paired-only
    baseline (ratio 0, at x = 0 on a symmetric-log axis); one figure per model size and paired set.
+   The schedules' points at one ratio are drawn a few percent apart along x, so that their bars
+   can be read.
 
 A figure whose data are missing is skipped with a note; a directory without runs.csv, or whose
 table has no finished run, is a :class:`ScalingError`.
@@ -36,7 +38,6 @@ from typing import Callable, Optional
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
 from flexmol.scaling import ScalingError
@@ -62,6 +63,7 @@ DPI = 300
 SIZE_COLORMAP = "viridis"
 MIX_COLORMAP = "tab10"
 ONE_COLUMN, TWO_COLUMNS = 3.5, 7.0  # inches
+DODGE = 1.04  # schedules' points at one x are drawn this factor apart
 DEFAULT_COLUMNS = {"n": "params", "d": "molecules", "loss": "val_loss", "c": "flops", "budget": "budget"}
 DESIGN_COLUMNS = ("size", "params", "budget", "schedule", "ratio")  # what a run plans; its seed aside
 BASELINE_SCHEDULE = "paired_only"  # the ratio-0 run of a paired/single study, where every schedule starts
@@ -287,14 +289,86 @@ def _span(x: np.ndarray, pad: float = 1.3) -> np.ndarray:
 
 
 def _interval(fit: dict, name: str) -> str:
+    """`` [lo, hi]``, ``*`` on an end at its bound (fit.json's identification): not identified."""
     iv = fit.get("intervals", {}).get(name)
-    return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
+    if not iv:
+        return ""
+    at = (fit.get("identification", {}).get(name) or {}).get("interval_at_bounds") or (False, False)
+    return " [" + ", ".join(f"{v:.2f}{'*' if a else ''}" for v, a in zip(iv, at)) + "]"
+
+
+def _not_identified(ax, fit: dict, law: str) -> None:
+    """A legend line naming the law's parameters that sit at a bound (fit.json's identification)."""
+    names = [n for n, i in (fit.get("identification") or {}).items()
+             if i.get("estimate_at") or any(i.get("interval_at_bounds") or ())]
+    if names:
+        symbols = [{"alpha": "α", "beta": "β", "gamma": "γ"}.get(n, n) for n in names]
+        ax.plot([], [], " ", label=f"{law}: {', '.join(symbols)} at a bound (*): not identified")
 
 
 def _figure(width: float, height: float, panels: int = 1):
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
     return fig, axes
+
+
+def _means(x: np.ndarray, y: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
+    """Per design point, in order of x: mean x, mean y, lowest y, highest y, runs."""
+    rows = sorted((x[g].mean(), y[g].mean(), y[g].min(), y[g].max(), len(g)) for g in groups)
+    return np.array(rows, float).reshape(-1, 5)
+
+
+def _series(ax, x: np.ndarray, y: np.ndarray, groups: list[np.ndarray], colour, label: Optional[str] = None, *,
+            ls: str = "-", marker: str = "o", start: Optional[np.ndarray] = None) -> np.ndarray:
+    """Design points as a curve: each run a faint dot, each point's mean a marker with a bar from
+    its lowest to its highest run, joined in order of x (``ls="none"``: not joined). ``start`` (the
+    rows of one point, e.g. the paired-only baseline) begins the line without a marker of this
+    colour. Returns the means (see :func:`_means`)."""
+    points = _means(x, y, groups)
+    runs = np.concatenate(groups) if groups else np.zeros(0, int)
+    if len(runs) > len(groups):
+        ax.plot(x[runs], y[runs], "o", color=colour, alpha=0.4, ms=3, mew=0)
+    line = points if start is None or not len(start) else np.vstack([_means(x, y, [start]), points])
+    marked = list(range(len(line) - len(points), len(line)))
+    ax.plot(line[:, 0], line[:, 1], color=colour, ls=ls, marker=marker, markevery=marked, label=label)
+    spread = points[:, 4] > 1
+    if spread.any():
+        p = points[spread]
+        ax.errorbar(p[:, 0], p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], fmt="none", ecolor=colour,
+                    elinewidth=0.8, capsize=2)
+    return points
+
+
+def _seed_keys(ax, groups: list[np.ndarray]) -> None:
+    """Legend entries for the mean-and-bar convention, when some point has several runs."""
+    counts = sorted({len(g) for g in groups})
+    if counts[-1] < 2:
+        return
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    ax.errorbar([], [], yerr=[], fmt="o", color="0.4", capsize=2, elinewidth=0.8,
+                label=f"mean of {n} seeds, bar: min-max")
+    ax.plot([], [], "o", color="0.4", alpha=0.4, ms=3, mew=0, label="one seed")
+
+
+def _schedules(runs: _Runs, keep: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The rows of ``keep`` of each mixing schedule, and those of the paired-only baseline (schedule
+    paired_only, or ratio 0) that begins every schedule's curve. A table without schedules is
+    one curve, named ''."""
+    schedule = np.array(runs.text("schedule") if "schedule" in runs.header else [""] * len(runs))
+    ratio = runs.num("ratio")
+    baseline = keep & ((schedule == BASELINE_SCHEDULE) | (ratio == 0))
+    names = sorted(set(schedule[keep & ~baseline]))
+    return {name: keep & ~baseline & (schedule == name) for name in names}, baseline
+
+
+def _legend(fig, axes, **options) -> None:
+    handles, labels = [], []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, **options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,31 +378,54 @@ def _figure(width: float, height: float, panels: int = 1):
 def _loss_vs_compute(runs: _Runs, columns: dict, fit: Optional[dict]) -> Figure:
     n, c, loss = columns["n"], columns["c"], columns["loss"]
     keep = runs.positive(n, c, loss)
-    N, C, L = runs.num(n)[keep], runs.num(c)[keep], runs.num(loss)[keep]
-    fig, (ax,) = _figure(5.0, 3.2)
-    colours = _size_colours(np.unique(N))
-    for size, colour in colours.items():  # every run a point; the curve through the mean at each compute
+    N, C, L = runs.num(n), runs.num(c), runs.num(loss)
+    curves, baseline = _schedules(runs, keep)
+    sizes = np.unique(N[keep])
+    mixes = baseline.any() or set(curves) != {""}
+    if mixes and len(sizes) == 1:
+        raise _Skip(f"one model size ({si(sizes[0])} {n}) with data mixes: loss against the mix is in "
+                    f"paired_vs_single")
+    fig, (ax,) = _figure(5.0, 4.0)
+    styles = dict(zip(curves, ("-", ":", "-.", (0, (5, 1, 1, 1))) * len(curves)))  # "--" is the frontier's
+    for size, colour in _size_colours(sizes).items():
         here = N == size
-        xs = np.unique(C[here])
-        ax.plot(C[here], L[here], "o", color=colour, ms=3, alpha=0.5 if len(xs) < here.sum() else 1)
-        ax.plot(xs, [L[here & (C == x)].mean() for x in xs], "-", color=colour, label=f"{si(size)} params")
-    frontier = compute_frontier(C, L)
-    order = np.argsort(C[frontier])
-    fc, fl = np.append(C[frontier][order], C.max()), np.append(L[frontier][order], L[frontier][order][-1])
-    ax.plot(fc, fl, color="0.2", lw=1, ls="--", drawstyle="steps-post", label="compute frontier")
+        start = np.flatnonzero(baseline & here)
+        for i, (name, rows) in enumerate(curves.items()):
+            _series(ax, C, L, runs.design(rows & here, C), colour, None if i else f"{si(size)} params",
+                    ls=styles[name], start=start)
+        if len(start):
+            _series(ax, C, L, [start], colour, None, marker="s", ls="none")
+    if mixes:
+        for name, style in styles.items():
+            ax.plot([], [], color="0.3", ls=style, label=name.replace("_", " "))
+        if baseline.any():
+            ax.plot([], [], "s", color="0.3", label="paired only")
+    groups = runs.design(keep, C)
+    points = _means(C, L, groups)
+    on = compute_frontier(points[:, 0], points[:, 1])
+    fc, fl = points[on, 0], points[on, 1]
+    ax.plot(np.append(fc, C[keep].max()), np.append(fl, fl[-1]), color="0.2", lw=1, ls="--", drawstyle="steps-post",
+            label="compute frontier (means)")
     law = (fit or {}).get("L_C", {})
     if "gamma" in law:
-        x = _span(C[frontier])
+        x = _span(fc)
         band = _band(law.get("bootstrap", {}).get("samples"), _power("A", "gamma"), x, ("E", "A", "gamma"))
         if band:
             ax.fill_between(x, *band, color="0.5", alpha=0.25, lw=0, label="L(C) 95% band")
         ax.plot(x, _power("A", "gamma")(law, x), color="0.2", lw=1.5,
                 label=f"L(C) fit, γ = {law['gamma']:.2f}{_interval(law, 'gamma')}")
+        _not_identified(ax, law, "L(C)")
+    _seed_keys(ax, groups)
     ax.set(xscale="log", yscale="log", xlabel=_label(c), ylabel=_label(loss))
     _log_ticks(ax, "x", _format(c))
     _log_ticks(ax, "y", _format(loss))
-    fig.legend(loc="outside right upper")
+    fig.legend(loc="outside lower center", ncol=2)
     return fig
+
+
+def _planned_budget(runs: _Runs, columns: dict) -> np.ndarray:
+    """Each run's planned data budget; its realised data in a table without a budget column."""
+    return runs.num(columns["budget"]) if runs.has(columns["budget"]) else runs.num(columns["d"])
 
 
 def _fit_curves(runs: _Runs, columns: dict, fit: Optional[dict]) -> Figure:
@@ -336,18 +433,17 @@ def _fit_curves(runs: _Runs, columns: dict, fit: Optional[dict]) -> Figure:
         raise _Skip("no fit.json (write it with `flexmol scaling fit`)")
     n, d, loss = columns["n"], columns["d"], columns["loss"]
     keep = runs.positive(n, d, loss)
-    N, D, L = runs.num(n)[keep], runs.num(d)[keep], runs.num(loss)[keep]
-    fig, (by_data, by_size) = _figure(TWO_COLUMNS, 3.4, panels=2)
-    colours = _size_colours(np.unique(N))
+    N, D, L = runs.num(n), runs.num(d), runs.num(loss)
+    fig, (by_data, by_size) = _figure(TWO_COLUMNS, 4.2, panels=2)
+    colours = _size_colours(np.unique(N[keep]))
     samples = fit.get("bootstrap", {}).get("samples")
-    x = _span(D)
+    x = _span(D[keep])
     for size, colour in colours.items():
-        here = N == size
         band = _band(samples, lambda p, d_: _joint(p, size, d_), x, ("E", "A", "B", "alpha", "beta"))
         if band:
             by_data.fill_between(x, *band, color=colour, alpha=0.2, lw=0)
         by_data.plot(x, _joint(fit, size, x), color=colour, lw=1)
-        by_data.plot(D[here], L[here], "o", color=colour, label=f"{si(size)} params")
+        _series(by_data, D, L, runs.design(keep & (N == size), D), colour, f"{si(size)} params", ls="none")
     by_data.plot([], [], color="0.3", lw=1, label="L(N, D) fit, shaded: 95% band")  # a key for the curves
     ext = fit.get("extrapolation", {})
     if "fit" in ext:
@@ -361,21 +457,25 @@ def _fit_curves(runs: _Runs, columns: dict, fit: Optional[dict]) -> Figure:
     _log_ticks(by_data, "y", _format(loss))
 
     law = fit.get("L_N", {})
-    rows = set(law.get("rows", []))
-    at_largest = np.array([name in rows for name in np.array(runs.names)[keep]])
-    if not at_largest.any():  # L(N) skipped: each size at its largest data value, for the eye
-        at_largest = np.array([D[i] == D[N == N[i]].max() for i in range(len(N))])
+    planned = _planned_budget(runs, columns)
+    at_largest = keep & np.array([planned[i] == planned[keep & (N == N[i])].max() for i in range(len(N))])
     for size, colour in colours.items():
-        here = at_largest & (N == size)
-        by_size.plot(N[here], L[here], "o", color=colour)
+        _series(by_size, N, L, runs.design(at_largest & (N == size), D), colour, ls="none")
+    xs = _span(N[at_largest])
     if "alpha" in law:
-        xs = _span(N[at_largest])
         band = _band(law.get("bootstrap", {}).get("samples"), _power("A", "alpha"), xs, ("E", "A", "alpha"))
         if band:
             by_size.fill_between(xs, *band, color="0.5", alpha=0.25, lw=0, label="L(N) 95% band")
         by_size.plot(xs, _power("A", "alpha")(law, xs), color="0.2", lw=1.2,
                      label=f"L(N), α = {law['alpha']:.2f}{_interval(law, 'alpha')}")
+    else:  # L(N) not identified by these sizes: the joint law at the largest budget's mean data
+        d_star = D[at_largest].mean()
+        band = _band(samples, lambda p, n_: _joint(p, n_, d_star), xs, ("E", "A", "B", "alpha", "beta"))
+        if band:
+            by_size.fill_between(xs, *band, color="0.5", alpha=0.25, lw=0)
+        by_size.plot(xs, _joint(fit, xs, d_star), color="0.2", lw=1.2, label=f"L(N, D) at D = {si(d_star)} (joint fit)")
     if "rows" in ext:
+        rows = set(np.array(runs.names)[at_largest])
         held = [r for r in ext["rows"] if r["run"] in rows] or ext["rows"]
         by_size.plot([r[n] for r in held], [r["predicted"] for r in held], "x", color="black", ms=6, mew=1.2,
                      label=f"predicted from smaller models (mean error {100 * ext['mean_abs_relative_error']:.1f}%)")
@@ -383,8 +483,10 @@ def _fit_curves(runs: _Runs, columns: dict, fit: Optional[dict]) -> Figure:
                 title="L(N), each size at its largest budget")
     _log_ticks(by_size, "x", _format(n))
     _log_ticks(by_size, "y", _format(loss))
-    handles, labels = (a + b for a, b in zip(by_data.get_legend_handles_labels(), by_size.get_legend_handles_labels()))
-    fig.legend(handles, labels, loc="outside lower center", ncol=3)
+    _not_identified(by_data, fit, "L(N, D)")
+    _not_identified(by_size, law, "L(N)")
+    _seed_keys(by_size, runs.design(keep, D))
+    _legend(fig, (by_data, by_size), loc="outside lower center", ncol=2)
     return fig
 
 
@@ -401,24 +503,34 @@ def _probe(runs: _Runs, keep: np.ndarray) -> Optional[tuple[str, str]]:
     return None
 
 
-def _paired_vs_single(runs: _Runs, loss_column: str) -> dict[str, Figure]:
+def _single_modality(runs: _Runs, keep: np.ndarray, baseline: np.ndarray) -> tuple[str, np.ndarray]:
+    """The x of the paired/single figure: single-modality molecules seen (``molecules_single_*``,
+    empty read as 0 on the baseline, which saw none), else the planned ratio."""
+    for column in runs.header:
+        if column.startswith("molecules_single_") and (runs.num(column)[keep] > 0).any():
+            break
+    else:
+        column = "ratio"
+        if not runs.has(column):
+            raise _Skip("neither molecules_single_2d nor ratio has values")
+    x = runs.num(column)
+    x[baseline & np.isnan(x)] = 0.0
+    return column, x
+
+
+def _paired_vs_single(runs: _Runs, columns: dict) -> dict[str, Figure]:
     """Loss and probe metric against single-modality molecules, one curve per schedule; one
     figure per (model size, paired set)."""
-    schedules = runs.text("schedule") if "schedule" in runs.header else []
-    mixed = np.array([bool(s) for s in schedules]) if schedules else np.zeros(len(runs), bool)
-    if not mixed.any():
+    loss_column = columns["loss"]
+    curves, baseline = _schedules(runs, np.isfinite(runs.num(loss_column)))
+    if set(curves) <= {""} and not baseline.any():
         raise _Skip("no run with a schedule (not a paired/single study)")
-    mixed &= np.isfinite(runs.num(loss_column))
-    if runs.has("molecules_single_2d"):
-        xcol, x = "molecules_single_2d", runs.num("molecules_single_2d")
-    elif runs.has("ratio"):
-        xcol, x = "ratio", runs.num("ratio")
-    else:
-        raise _Skip("neither molecules_single_2d nor ratio has values")
+    mixed = baseline | np.any([rows for name, rows in curves.items() if name], axis=0)
+    xcol, x = _single_modality(runs, mixed, baseline)
     mixed &= np.isfinite(x) & (x >= 0)
     if not mixed.any():
         raise _Skip(f"no run with a schedule, {loss_column} and {xcol}")
-    params, paired = runs.num("params"), runs.num("unique_paired")
+    params, paired = runs.num(columns["n"]), runs.num("unique_paired")
     groups = sorted({(p, q) for p, q, m in zip(params, paired, mixed) if m},
                     key=lambda g: tuple(-1 if math.isnan(v) else v for v in g))
     figures = {}
@@ -426,7 +538,8 @@ def _paired_vs_single(runs: _Runs, loss_column: str) -> dict[str, Figure]:
         keep = mixed & _same(params, p) & _same(paired, q)
         name = "paired_vs_single" if len(groups) == 1 else (
             "paired_vs_single_" + "_".join(s for s in (_tag(p, "params"), _tag(q, "paired")) if s))
-        figures[name] = _mix_figure(runs, keep, loss_column, xcol, x, p, q)
+        figures[name] = _mix_figure(runs, keep, {k: v & keep for k, v in curves.items() if k}, baseline & keep,
+                                    loss_column, xcol, x, p, q)
     return figures
 
 
@@ -438,38 +551,46 @@ def _tag(v: float, what: str) -> str:
     return "" if math.isnan(v) else f"{si(v)}{what}".replace(".", "p")
 
 
-def _mix_figure(runs: _Runs, keep: np.ndarray, loss_column: str, xcol: str, x: np.ndarray, params: float,
-                paired: float) -> Figure:
+def _mix_figure(runs: _Runs, keep: np.ndarray, curves: dict[str, np.ndarray], baseline: np.ndarray,
+                loss_column: str, xcol: str, x: np.ndarray, params: float, paired: float) -> Figure:
     probe = _probe(runs, keep)
-    fig, axes = _figure(TWO_COLUMNS if probe else ONE_COLUMN + 1, 3.0, panels=2 if probe else 1)
-    schedules = np.array(runs.text("schedule"))
-    names = sorted(set(schedules[keep]))
+    fig, axes = _figure(TWO_COLUMNS if probe else ONE_COLUMN + 1, 3.2, panels=2 if probe else 1)
     cmap = matplotlib.colormaps[MIX_COLORMAP]
     panels = [(loss_column, _label(loss_column))] + ([probe] if probe else [])
     for ax, (column, label) in zip(axes, panels):
         y = runs.num(column)
-        for i, schedule in enumerate(names):
-            here = keep & (schedules == schedule) & np.isfinite(y)
-            if not here.any():
-                continue
-            xs = np.unique(x[here])
-            means = [y[here & (x == v)].mean() for v in xs]
-            ax.plot(x[here], y[here], "o", color=cmap(i), alpha=0.35, ms=3)  # each seed
-            ax.plot(xs, means, "o-", color=cmap(i), label=schedule.replace("_", " "))
+        ok = keep & np.isfinite(y)
+        start = np.flatnonzero(baseline & ok)
+        for i, (schedule, rows) in enumerate(curves.items()):
+            if (rows & ok).any():  # side by side, so that bars at one x do not hide each other
+                dodged = x * DODGE ** (i - (len(curves) - 1) / 2)
+                _series(ax, dodged, y, runs.design(rows & ok, x), cmap(i), schedule.replace("_", " "), start=start)
+        if len(start):  # the shared start of every curve, drawn once
+            _series(ax, x, y, [start], "black", "paired only", marker="s", ls="none")
+        _seed_keys(ax, runs.design(ok, x))
         positive = x[keep][x[keep] > 0]
         linthresh = positive.min() if positive.size else 1.0
         ax.set_xscale("symlog", linthresh=linthresh, linscale=0.6)
-        ax.set_xlim(left=-0.25 * linthresh)
+        ax.set_xlim(left=-0.25 * linthresh, right=1.3 * x[keep].max())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _, f=_format(xcol): f(v) if v else "0"))
-        if len(np.unique(x[keep])) <= 6:  # few values (a ratio ladder): tick each of them
-            ax.xaxis.set_major_locator(FixedLocator(np.unique(x[keep])))
+        ticks = _mix_ticks(runs, keep, x)
+        if len(ticks) <= 6:  # few values (a ratio ladder): tick each of them
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set(xlabel="Single-modality (2D) molecules seen" if xcol == "molecules_single_2d"
-               else "Single-modality : paired ratio", ylabel=label)
+        ax.set(xlabel=f"Single-modality ({xcol.rsplit('_', 1)[-1].upper()}) molecules seen"
+               if xcol.startswith("molecules_single_") else "Single-modality : paired ratio", ylabel=label)
     title = ", ".join(t for t in (f"paired set {si(paired)} molecules" if not math.isnan(paired) else "",
                                   f"model {si(params)} params" if not math.isnan(params) else "") if t)
     if title:
         fig.suptitle(title)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=min(4, len(names)),
-               title="data mix")
+    _legend(fig, axes[:1], loc="outside lower center", ncol=min(3, len(curves) + 1), title="data mix")
     return fig
+
+
+def _mix_ticks(runs: _Runs, keep: np.ndarray, x: np.ndarray) -> list[float]:
+    """One x tick per planned ratio, at the mean x of its runs (every schedule's); per distinct x
+    in a table without ratios."""
+    if not runs.has("ratio"):
+        return sorted(set(x[keep]))
+    ratio = runs.num("ratio")
+    return sorted(float(x[keep & (ratio == r)].mean()) for r in np.unique(ratio[keep]))
