@@ -157,6 +157,7 @@ def test_a_sweep_runs_every_run_and_a_second_call_repeats_none(study_data, tmp_p
         assert float(r["val_loss"]) == pytest.approx(float(r["val/paired/total"]))
         assert {"val/paired/contrastive", "val/paired/coord", "val/paired/atom"} <= set(r)
         assert 0 <= float(r["probe_probe_roc_auc"]) <= 1
+        assert 0 < float(r["train_seconds"]) < float(r["wall_seconds"])
     # measured compute follows the molecules and the model
     assert float(rows["a-b120-s0"]["flops"]) > 1.5 * float(rows["a-b60-s0"]["flops"])
     assert float(rows["b-b60-s0"]["flops"]) > float(rows["a-b60-s0"]["flops"])

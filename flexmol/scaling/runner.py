@@ -127,6 +127,7 @@ def _train_phase(spec: Spec, run: Run, index: int, out: Path, lock_fd: int) -> N
     threads = str(spec.run.cpus_per_run)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     log = pdir / "log.txt"
+    started = time.time()
     with open(log, "a") as f:
         f.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
         f.flush()
@@ -144,6 +145,16 @@ def _train_phase(spec: Spec, run: Run, index: int, out: Path, lock_fd: int) -> N
     if not _finished(pdir, run.phases[index].steps):
         raise RunFailed(f"phase {index + 1} exited without finishing (no export at step {run.phases[index].steps}); "
                         f"log {log}:\n{_tail(log)}")
+    # the seconds of the launch that finished the phase (one a kill cut short is not counted)
+    _write_atomic(pdir / "timing.json", json.dumps({"seconds": round(time.time() - started, 1)}) + "\n")
+
+
+def _phase_seconds(pdir: Path) -> float | None:
+    """Seconds the launch that finished the phase took, start to exit, or None if not recorded."""
+    try:
+        return float(json.loads((pdir / "timing.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def train_command(gpus: int, config_file: Path, env: dict | None = None) -> list[str]:
@@ -280,6 +291,8 @@ def run_one(spec: Spec, facts: dict[str, SourceFacts], flops: dict, run: Run, ou
                 work = {k: {"molecules": last["seen"][k], **w} for k, w in last["work"].items()}
                 for k, v in flops[(run.rung, phase.stage)].total(work).items():
                     work_flops[k] += v
+            seconds = [_phase_seconds(rdir / f"phase{i + 1}") for i in range(len(run.phases))]
+            row["train_seconds"] = None if None in seconds else round(sum(seconds), 1)
             export = rdir / f"phase{len(run.phases)}" / "export"
             losses = heldout_evaluation(spec, facts, export)
             row.update({"molecules": sum(seen.values()), "unique_molecules": sum(unique.values()),
@@ -378,7 +391,7 @@ def write_table(out: Path, spec: Spec, runs: list[Run]) -> Path:
             if r and r.get("digest") in (None, _current(runs, spec, r))]
     extra = sorted({k for r in rows for k in r if k.startswith("val/")})
     probes = sorted({k for r in rows for k in r if k.startswith("probe_") and k != "probe_by_seed"})
-    columns = FIXED_COLUMNS + extra + probes + ["wall_seconds", "error"]
+    columns = FIXED_COLUMNS + extra + probes + ["train_seconds", "wall_seconds", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
