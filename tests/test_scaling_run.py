@@ -98,6 +98,14 @@ def test_plan_prints_every_run_with_parameters_budget_steps_and_measured_flops(s
     ({"heldout.shards": 6}, "heldout.shards"),  # nothing left to train on
     ({"probe.metric": "rmse"}, "probe.metric"),  # a regression metric for a classification probe
     ({"passes": 0}, "passes"),
+    ({"train.overrides": {"train.grad_accum": 4}}, "train.overrides.train.grad_accum"),  # would multiply the budget
+    ({"heldout.loss": ["paired/atom", "paired/atom"]}, "heldout.loss"),  # counted twice in val_loss
+    ({"probe.split": "bogus"}, "probe.split"),
+    ({"probe.targets": []}, "probe.targets"),
+    ({"train.decay": "bogus"}, "train.decay"),
+    ({"train.max_atoms": 5}, "train.max_atoms"),  # smaller than the data's molecules
+    ({"budgets": None, "paired_size": 40, "ratios": [1], "schedules": ["mixed", "mixed"],
+      "data.single_2d": ["-"]}, "schedules"),
 ])
 def test_plan_refuses_an_axis_that_cannot_be_honoured_naming_the_key(study_data, tmp_path, capsys, changes, key):
     spec = _spec(tmp_path / "spec.yaml", study_data, **changes)
@@ -144,9 +152,14 @@ def _rows(path: Path) -> dict[str, dict]:
         return {r["run"]: r for r in csv.DictReader(f)}
 
 
-def test_a_sweep_runs_every_run_and_a_second_call_repeats_none(study_data, tmp_path, capsys):
+def test_a_sweep_runs_every_run_and_a_second_call_repeats_none(study_data, tmp_path, capsys, monkeypatch):
     spec = _spec(tmp_path / "spec.yaml", study_data)
     out = tmp_path / "study"
+    # the rendezvous of a process that ran a training itself (or of a launcher): runs side by side must not share it
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
     assert main(["scaling", "run", str(spec), "--out", str(out)]) == 0
     rows = _rows(out / "runs.csv")
     assert sorted(rows) == ["a-b120-s0", "a-b60-s0", "b-b120-s0", "b-b60-s0"]
@@ -204,8 +217,8 @@ def test_a_changed_run_definition_is_refused_in_a_used_study_directory(study_dat
 
 def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study_data, tmp_path):
     """The sweep's process is killed (SIGKILL) while a run trains; the next call finishes it from
-    its checkpoint, and the runs that had finished are not run again."""
-    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[60, 12000], passes=80,
+    its checkpoint (finished runs are never repeated: the test above)."""
+    spec = _spec(tmp_path / "spec.yaml", study_data, budgets=[12000], passes=80,
                  **{"models.rungs": {"a": {"dim": 16, "heads": 2, "layers": 1}}, "run.parallel": 1})
     out = tmp_path / "study"
     # the Ray job's entry point first, the CLI after: one code path
@@ -218,13 +231,11 @@ def test_a_killed_sweep_resumes_its_unfinished_runs_from_their_checkpoints(study
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert ckpt.exists(), "the long run never checkpointed: " + (tmp_path / "first.log").read_text()[-2000:]
-    done_before = json.loads((out / "runs" / "a-b60-s0" / "result.json").read_text())
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and the training process: nothing closes cleanly
     proc.wait()
     result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "1 done before, 1 to run" in result.stdout
-    assert json.loads((out / "runs" / "a-b60-s0" / "result.json").read_text()) == done_before
+    assert "0 done before, 1 to run" in result.stdout
     log = (out / "runs" / "a-b12000-s0" / "phase1" / "log.txt").read_text()
     assert "[pretrain] resumed from" in log
     steps = [json.loads(l)["step"] for l in open(out / "runs" / "a-b12000-s0" / "phase1" / "metrics.jsonl")
@@ -299,3 +310,20 @@ def test_a_run_asking_for_gpus_a_local_ray_does_not_have_is_refused(study_data, 
                  **{"models.rungs": {"a": {"dim": 16, "heads": 2}}, "run.gpus_per_run": 1})
     assert main(["scaling", "run", str(spec), "--out", str(tmp_path / "study")]) == 2
     assert "GPU per run" in capsys.readouterr().err
+    assert not list((tmp_path / "study").glob("runs/*/run.json"))  # the corrected spec can use the directory
+
+
+def test_rows_scored_under_another_yardstick_are_marked_stale_in_the_table(study_data, tmp_path):
+    from flexmol.scaling.runner import write_table
+    from flexmol.scaling.spec import Run, load_spec, plan
+
+    spec = load_spec(_spec(tmp_path / "spec.yaml", study_data))
+    runs = plan(spec)
+    other = load_spec(_spec(tmp_path / "other.yaml", study_data, **{"heldout.loss": ["paired/atom"]}))
+    for run, yardstick in zip(runs[:2], (spec, other)):
+        (tmp_path / "runs" / run.name).mkdir(parents=True)
+        (tmp_path / "runs" / run.name / "result.json").write_text(json.dumps(
+            {"run": run.name, "status": "done", "val_loss": 1.0, "digest": run.digest(spec),
+             "evaluation_digest": Run.evaluation_digest(yardstick)}))
+    rows = _rows(write_table(tmp_path, spec, runs))
+    assert rows[runs[0].name]["status"] == "done" and rows[runs[1].name]["status"] == "stale"

@@ -29,7 +29,7 @@ def add_parsers(sub, make) -> None:
     run.add_argument("spec", help="a sweep spec YAML")
     run.add_argument("--out", required=True, help="the study's directory (runs/, runs.csv, study.json)")
     run.add_argument("--parallel", type=int, help="runs at once (default: the spec's run.parallel)")
-    run.add_argument("--only", nargs="*", metavar="RUN", help="run only these runs (names as plan prints them)")
+    run.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs (names as plan prints them)")
     run.set_defaults(func=cmd_run)
 
     fit = make(verbs, "fit", "fit scaling laws to a results table, with bootstrap intervals",

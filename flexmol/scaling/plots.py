@@ -530,7 +530,10 @@ def _paired_vs_single(runs: _Runs, columns: dict) -> dict[str, Figure]:
     mixed &= np.isfinite(x) & (x >= 0)
     if not mixed.any():
         raise _Skip(f"no run with a schedule, {loss_column} and {xcol}")
-    params, paired = runs.num(columns["n"]), runs.num("unique_paired")
+    # the planned paired set (the runner's paired_size column) when the table has it: realised unique
+    # counts differ by a few molecules between runs of one design
+    planned = runs.num("paired_size")
+    params, paired = runs.num(columns["n"]), planned if np.isfinite(planned).any() else runs.num("unique_paired")
     groups = sorted({(p, q) for p, q, m in zip(params, paired, mixed) if m},
                     key=lambda g: tuple(-1 if math.isnan(v) else v for v in g))
     figures = {}
@@ -538,6 +541,8 @@ def _paired_vs_single(runs: _Runs, columns: dict) -> dict[str, Figure]:
         keep = mixed & _same(params, p) & _same(paired, q)
         name = "paired_vs_single" if len(groups) == 1 else (
             "paired_vs_single_" + "_".join(s for s in (_tag(p, "params"), _tag(q, "paired")) if s))
+        if name in figures:  # values that print alike: the exact numbers
+            name += "_" + "_".join(f"{v:.0f}" for v in (p, q) if not math.isnan(v))
         figures[name] = _mix_figure(runs, keep, {k: v & keep for k, v in curves.items() if k}, baseline & keep,
                                     loss_column, xcol, x, p, q)
     return figures

@@ -39,9 +39,13 @@ from flexmol.scaling import ScalingError
 from flexmol.scaling.spec import (Run, SourceFacts, Spec, check_probe, flop_models, load_spec, plan, rung_yaml,
                                   source_facts)
 
-FIXED_COLUMNS = ["run", "status", "size", "params", "budget", "schedule", "ratio", "seed", "molecules",
+FIXED_COLUMNS = ["run", "status", "size", "params", "budget", "paired_size", "schedule", "ratio", "seed", "molecules",
                  "unique_molecules", "molecules_paired", "molecules_single_2d", "molecules_single_3d", "unique_paired",
                  "unique_single_2d", "unique_single_3d", "passes", "steps", "flops", "flops_padded", "val_loss"]
+
+
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+              "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
 
 
 class RunFailed(RuntimeError):
@@ -125,7 +129,10 @@ def _train_phase(spec: Spec, run: Run, index: int, out: Path, lock_fd: int) -> N
     config_file.write_text(OmegaConf.to_yaml(cfg))
     command = train_command(spec.run.gpus_per_run, config_file)
     threads = str(spec.run.cpus_per_run)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    # A run is its own world: rendezvous variables of the sweep's process (a launcher's, or an earlier
+    # in-process run's) would make runs that train side by side share one port.
+    env = {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS}, "OMP_NUM_THREADS": threads,
+           "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     log = pdir / "log.txt"
     started = time.time()
     with open(log, "a") as f:
@@ -271,11 +278,20 @@ def run_one(spec: Spec, facts: dict[str, SourceFacts], flops: dict, run: Run, ou
     rdir = out / "runs" / run.name
     started = time.perf_counter()
     row = {"run": run.name, "status": "failed", "size": run.rung, "params": run.params, "budget": run.budget,
-           "schedule": run.schedule, "ratio": run.ratio, "seed": run.seed}
+           "paired_size": spec.paired_size if run.schedule else None, "schedule": run.schedule, "ratio": run.ratio,
+           "seed": run.seed}
+    rdir.mkdir(parents=True, exist_ok=True)
+    if not (rdir / "run.json").exists():  # written when the run starts: a sweep refused before leaves none
+        _write_atomic(rdir / "run.json", json.dumps({"digest": run.digest(spec), "definition": run.definition(spec)},
+                                                    indent=1) + "\n")
     lock = os.open(rdir / "lock", os.O_RDWR | os.O_CREAT)
     try:
         os.set_inheritable(lock, True)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a previous sweep's training process may still be closing
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another sweep's process (or a training process still closing) holds it
+            print(f"[scaling] {run.name}: waiting for the process that holds {rdir / 'lock'}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             for i in range(len(run.phases)):
                 _train_phase(spec, run, i, out, lock)
@@ -357,12 +373,7 @@ def prepare(spec: Spec, runs: list[Run], selected: list[Run], out: Path, facts: 
         _write_atomic(out / "models" / f"{rung}.yaml", rung_yaml(spec, rung))
     todo = []
     for run in selected:
-        rdir = out / "runs" / run.name
-        rdir.mkdir(parents=True, exist_ok=True)
-        if not (rdir / "run.json").exists():
-            _write_atomic(rdir / "run.json", json.dumps({"digest": run.digest(spec), "definition": run.definition(spec)},
-                                                        indent=1) + "\n")
-        result = _read_result(rdir)
+        result = _read_result(out / "runs" / run.name)
         if not (result and result.get("status") == "done" and result.get("digest") == run.digest(spec)
                 and result.get("evaluation_digest") == run.evaluation_digest(spec)):
             todo.append(run)
@@ -389,6 +400,11 @@ def write_table(out: Path, spec: Spec, runs: list[Run]) -> Path:
     plan order."""
     rows = [r for r in (_read_result(out / "runs" / run.name) for run in runs)
             if r and r.get("digest") in (None, _current(runs, spec, r))]
+    yardstick = Run.evaluation_digest(spec)
+    for r in rows:  # evaluated under another spec's held-out losses or probe: not comparable until rerun
+        if r.get("status") == "done" and r.get("evaluation_digest") not in (None, yardstick):
+            r.update(status="stale", error="evaluated under another heldout/probe definition: run the sweep to "
+                                           "evaluate it again (its training is kept)")
     extra = sorted({k for r in rows for k in r if k.startswith("val/")})
     probes = sorted({k for r in rows for k in r if k.startswith("probe_") and k != "probe_by_seed"})
     columns = FIXED_COLUMNS + extra + probes + ["train_seconds", "wall_seconds", "error"]

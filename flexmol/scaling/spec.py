@@ -37,7 +37,7 @@ LOSSES = {"paired": ("total", "contrastive", "consistency", "alignment", "atom",
 # Keys a study sets per run: train.overrides may not change them
 RUN_KEYS = ("stage", "model", "output_dir", "resume", "init_from", "data.paired", "data.single_2d", "data.single_3d",
             "data.subset", "data.subset_seed", "data.mix", "data.max_atoms", "train.max_steps", "train.warmup_steps",
-            "train.lr", "train.decay", "train.seed", "train.stop_after", "validation")
+            "train.lr", "train.decay", "train.seed", "train.stop_after", "train.grad_accum", "validation")
 
 
 @dataclass
@@ -214,6 +214,8 @@ def validate(spec: Spec) -> None:
         fail("heldout.max_molecules", f"must be at least 1, got {h.max_molecules}")
     if not h.loss:
         fail("heldout.loss", "is empty: name the held-out losses (SOURCE/LOSS) whose sum is val_loss")
+    if len(set(h.loss)) != len(h.loss):
+        fail("heldout.loss", f"names a loss twice (it would count twice in val_loss): {h.loss}")
     for item in h.loss:
         source, _, loss = item.partition("/")
         if source not in spec.data or loss not in LOSSES.get(source, ()):
@@ -222,6 +224,10 @@ def validate(spec: Spec) -> None:
     t = spec.train
     if not (math.isfinite(t.lr) and t.lr > 0):
         fail("train.lr", f"must be a positive number, got {t.lr}")
+    if t.decay not in ("cosine", "linear", "constant"):
+        fail("train.decay", f"'{t.decay}' is not one of cosine, linear, constant")
+    if spec.subset_seed < 0:
+        fail("subset_seed", f"must be 0 or more, got {spec.subset_seed}")
     if not 0 <= t.warmup_fraction < 1:
         fail("train.warmup_fraction", f"must be in [0, 1), got {t.warmup_fraction}")
     if t.max_atoms < 1:
@@ -250,8 +256,16 @@ def validate(spec: Spec) -> None:
         if spec.probe.metric not in METRICS or METRICS[spec.probe.metric] != spec.probe.task:
             fail("probe.metric", f"'{spec.probe.metric}' is not a metric of a {spec.probe.task} task "
                                  f"({', '.join(m for m, t in METRICS.items() if t == spec.probe.task) or 'none'})")
+        from flexmol.finetune.split import SPLITS
+
         if not spec.probe.seeds:
             fail("probe.seeds", "is empty")
+        if spec.probe.split not in SPLITS:
+            fail("probe.split", f"'{spec.probe.split}' is not one of {', '.join(SPLITS)}")
+        if not spec.probe.targets:
+            fail("probe.targets", "is empty: name the label column(s) of probe.data")
+        if spec.probe.subsample is not None and spec.probe.subsample < 20:
+            fail("probe.subsample", f"must be at least 20 molecules, got {spec.probe.subsample}")
         if spec.probe.split == "scaffold" and len(spec.probe.seeds) > 1:
             fail("probe.seeds", "the scaffold split is the same for every seed (and the probe is deterministic): "
                                 "give one seed, or split: random for a spread over seeds")
@@ -278,6 +292,8 @@ def validate(spec: Spec) -> None:
         bad = [s for s in spec.schedules if s not in SCHEDULES]
         if not spec.schedules or bad:
             fail("schedules", f"{bad or 'empty'}: choose from {', '.join(SCHEDULES)}")
+        if len(set(spec.schedules)) != len(spec.schedules):
+            fail("schedules", f"names a schedule twice: {spec.schedules}")
 
 
 # -- the data side ------------------------------------------------------------------------------
@@ -406,6 +422,15 @@ def plan(spec: Spec, facts: dict[str, SourceFacts] | None = None) -> list[Run]:
                                       Phase(2, s2, {"single_2d": round(s_seen)}, {"single_2d": s_unique}, w2)]
                     runs.append(Run(f"{rung}-{schedule}-r{ratio:g}-s{seed}", rung, params[rung], seed, phases,
                                     sum(sum(p.molecules.values()) for p in phases), schedule, ratio))
+    names = [r.name for r in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ScalingError(f"{spec.path}: runs {', '.join(twice)} would share a name (ratios or budgets that print "
+                           "alike): make the values distinct")
+    for source, f in facts.items():
+        if max(f.sizes) > spec.train.max_atoms:
+            raise ScalingError(f"{spec.path}: key 'train.max_atoms': {spec.train.max_atoms} padded atoms per batch "
+                               f"cannot hold data.{source}'s molecules of {max(f.sizes)} atoms")
     return runs
 
 
