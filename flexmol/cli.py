@@ -558,12 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     from flexmol.scaling.cli import add_parsers as scaling_parsers
 
     scaling_parsers(sub, _sub)
+
+    from flexmol.tools.cli import add_parsers as tool_parsers
+
+    tool_parsers(sub, _sub)
     return parser
 
 
 def _command(args: argparse.Namespace) -> str:
     """``flexmol VERB [SUBVERB]``, as the user typed it."""
-    sub = next((getattr(args, k) for k in ("shards_command", "model_command", "evaluate_command", "scaling_command")
+    sub = next((getattr(args, k) for k in ("shards_command", "model_command", "evaluate_command", "scaling_command",
+                                         "retrieve_command")
                 if getattr(args, k, None)), None)
     return " ".join(["flexmol", args.command] + ([sub] if sub else []))
 

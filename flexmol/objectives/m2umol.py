@@ -23,3 +23,7 @@ class M2UMolConfig:
     classifier_weight: float = 0.5  # the modality classifier's cross-entropy weight (0.5 in the paper)
     encoder: str = "flexmol"  # the 2D encoder: flexmol (this project's) | graphgps (torch-geometric)
     modalities: Dict[str, ModalityConfig] = field(default_factory=lambda: {"3d": ModalityConfig(kind="conformer")})
+
+
+def validate_config(cfg: M2UMolConfig) -> None:
+    """Checks of the ``m2umol`` section; raises :class:`flexmol.config.ConfigError` naming the key."""

@@ -1,0 +1,1 @@
+"""The user tools over any exported checkpoint of either recipe: embeddings, explanations, retrieval."""
