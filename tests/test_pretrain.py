@@ -523,12 +523,13 @@ def test_a_run_stopped_by_a_signal_on_a_validation_step_validates_that_step_when
                                                                                           monkeypatch):
     import signal
 
+    from flexmol.objectives import stages
     from flexmol.train import config as tc
     from flexmol.train import trainer as tr
 
     base = SMALL + [f"data.paired=[{qm9_paired}]", "train.max_steps=4", "train.save_every=100", "validation.every=2"]
     tr.Pretrainer(tc.load(STAGE[1], base + [f"output_dir={tmp_path / 'a'}"])).run()
-    losses, steps = tr.pretraining_losses, []
+    losses, steps = stages.pretraining_losses, []
 
     def signalled_in_step_2(model, *args, **kw):
         if model.training:
@@ -539,7 +540,7 @@ def test_a_run_stopped_by_a_signal_on_a_validation_step_validates_that_step_when
 
     cut = base + [f"output_dir={tmp_path / 'b'}", "resume=auto"]
     with monkeypatch.context() as m:
-        m.setattr(tr, "pretraining_losses", signalled_in_step_2)
+        m.setattr(stages, "pretraining_losses", signalled_in_step_2)
         assert [r["step"] for r in tr.Pretrainer(tc.load(STAGE[1], cut)).run()] == [1, 2]
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     assert _records(tmp_path / "b", "valid") == []

@@ -2,6 +2,9 @@
 
 The training loop (:mod:`flexmol.train.trainer`) knows an objective only through this interface:
 
+- :meth:`Objective.prepare` sees the first records of each training source before anything is
+  built (up to :attr:`Objective.sample_records` of each), e.g. to resolve label keys and their
+  statistics; :meth:`Objective.label_keys` names the record labels its batches must carry;
 - :meth:`Objective.build_model` builds the network it trains (from the model sizes);
 - :meth:`Objective.losses` gives the losses of one batch by name, with the weighted ``total`` the
   loop back-propagates;
@@ -11,7 +14,9 @@ The training loop (:mod:`flexmol.train.trainer`) knows an objective only through
 - :attr:`Objective.modalities` the batch modalities (``paired``, ``2d``, ``3d``) it trains on;
   a data mix that draws another is refused before anything starts;
 - :meth:`Objective.heldout` the objective held-out batches are scored with (negatives not
-  gathered across ranks, so validation figures do not depend on the world size).
+  gathered across ranks, so validation figures do not depend on the world size);
+- :meth:`Objective.report` an optional report on held-out data when a run ends, from its export
+  (:meth:`Objective.report_due` says whether a finished run still owes it).
 
 FlexMol's stage 1 and stage 2 (:mod:`flexmol.objectives.stages`) and M2UMol
 (:mod:`flexmol.objectives.m2umol`) are objectives; a user's own is one file and a config.
@@ -19,6 +24,7 @@ FlexMol's stage 1 and stage 2 (:mod:`flexmol.objectives.stages`) and M2UMol
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -30,6 +36,18 @@ class Objective(abc.ABC):
 
     name: ClassVar[str]
     modalities: ClassVar[frozenset[str]]
+    # Records of each training source :meth:`prepare` is given (the first ones of its first shard;
+    # records that do not decode are left out); 0: none are read.
+    sample_records: ClassVar[int] = 256
+
+    def prepare(self, samples: dict[str, list[dict]]) -> None:
+        """Called once before :meth:`build_model` with up to :attr:`sample_records` records of
+        each training source, by source name (``paired``, ``single_2d``, ``single_3d``)."""
+
+    def label_keys(self) -> list[str]:
+        """The record label keys every batch must carry as ``batch["labels"]`` [B, L] (NaN where
+        a molecule lacks one), in this order; [] for none. Known after :meth:`prepare`."""
+        return []
 
     @abc.abstractmethod
     def build_model(self, model_cfg) -> nn.Module:
@@ -52,3 +70,15 @@ class Objective(abc.ABC):
     def heldout(self) -> "Objective":
         """The objective held-out batches are scored with (by default this one)."""
         return self
+
+    def report_due(self, heldout: dict[str, list[str]], out: Path) -> bool:
+        """Whether a run writing into ``out`` with held-out shards ``heldout`` (by source) still
+        owes its :meth:`report` (a finished run that does not is left as it is)."""
+        return False
+
+    def report(self, export: Path, heldout: dict[str, list[str]], out: Path, *, max_atoms: int,
+               on_bad_record: str, device: torch.device) -> dict | None:
+        """At the end of a run (rank 0), a report on the held-out shards ``heldout`` (by source)
+        from the run's ``export``, written into ``out``; returns the record to log (with its
+        ``split``), or None when there is nothing to report."""
+        return None

@@ -1,18 +1,28 @@
-"""Stage 1 (paired) and stage 2 (2D-only, 3D-only) pre-training losses, as METHOD.md reads them.
+"""Stage 1 (paired) and stage 2 (2D-only, 3D-only) pre-training losses, as METHOD.md reads them,
+and FlexMol's two stages as objectives of the training loop (:class:`FlexMolObjective`).
 
 Every loss comes back by name (for logging) together with the weighted ``total``; every weight,
 the masking rate, the coordinate noise and the temperature are config keys.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from flexmol.model.inputs import MASK_Z
 from flexmol.model.network import FlexMol
+from flexmol.objectives.base import Objective
 from flexmol.objectives.losses import ContrastiveLoss, atom_mse, gather_enabled, gather_mode, pair_mse, pooled
+
+# The feature learners (stage 2's frozen teachers) and the pre-training heads beside the encoders,
+# by module name in :class:`~flexmol.model.network.FlexMol`.
+FEATURE_LEARNERS = ("fl_2d", "fl_3d")
+HEADS = ("proj_2d", "proj_3d", "atom_head", "coord_head", "spd_head", "dist_head")
 
 
 @dataclass
@@ -123,3 +133,72 @@ def pretraining_losses(model: FlexMol, batch: dict, cfg: ObjectiveConfig,
     logged_only = set() if train_feature_learners else {"alignment"}
     losses["total"] = sum(getattr(cfg, k) * v for k, v in losses.items() if k not in logged_only)
     return losses
+
+
+def frozen_parameters(model: FlexMol, stage: int) -> dict[str, torch.nn.Parameter]:
+    """The parameters a stage keeps fixed: in stage 2, the feature learners (the decoders' teachers)."""
+    if stage == 1:
+        return {}
+    prefixes = tuple(f"{m}." for m in FEATURE_LEARNERS)
+    return {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
+
+
+class FlexMolObjective(Objective):
+    """FlexMol's pre-training in ``stage`` 1 (every module trained) or 2 (the feature learners
+    frozen): :func:`pretraining_losses` with the ``objective`` config section ``cfg``, on paired,
+    2D-only and 3D-only batches alike. ``model_key`` names what chose the model sizes (in the
+    refusal of a model too large to allocate). At the end of a run, the alignment report
+    (:mod:`flexmol.evaluate.alignment`) on up to ``alignment_count`` held-out paired molecules
+    (``output_dir/alignment.json``); 0 turns it off."""
+
+    name = "flexmol"
+    modalities = frozenset({"paired", "2d", "3d"})
+    sample_records = 0  # nothing to learn from the data before the model is built
+
+    def __init__(self, cfg: ObjectiveConfig, stage: int = 1, *, model_key: str = "model", alignment_count: int = 0):
+        if stage not in (1, 2):
+            raise ValueError(f"stage: must be 1 or 2, got {stage!r}")
+        self.cfg, self.stage, self.model_key, self.alignment_count = cfg, stage, model_key, alignment_count
+
+    def build_model(self, model_cfg) -> FlexMol:
+        from flexmol.model.summary import build_model
+
+        return build_model(model_cfg, self.model_key)
+
+    def losses(self, model: FlexMol, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return pretraining_losses(model, batch, self.cfg, generator, train_feature_learners=self.stage == 1)
+
+    def frozen(self, model: FlexMol) -> dict[str, torch.nn.Parameter]:
+        return frozen_parameters(model, self.stage)
+
+    def owned(self, model: FlexMol) -> dict[str, torch.nn.Module]:
+        return {name: getattr(model, name) for name in HEADS}
+
+    def heldout(self) -> FlexMolObjective:
+        return FlexMolObjective(dataclasses.replace(self.cfg, gather_negatives="off"), self.stage,
+                                model_key=self.model_key, alignment_count=self.alignment_count)
+
+    def report_due(self, heldout: dict[str, list[str]], out: Path) -> bool:
+        return bool(self.alignment_count and heldout.get("paired")) and not (out / "alignment.json").is_file()
+
+    def report(self, export: Path, heldout: dict[str, list[str]], out: Path, *, max_atoms: int,
+               on_bad_record: str, device: torch.device) -> dict | None:
+        """The alignment report (retrieval, cosines, feature-learner and decoder errors) on the
+        first ``alignment_count`` held-out paired molecules, printed and written to
+        ``out/alignment.json``; the record of its flat metrics (split ``alignment``)."""
+        urls = heldout.get("paired")
+        if not self.alignment_count or not urls:
+            return None
+        from flexmol import load_pretrained
+        from flexmol.data.streams import heldout_records
+        from flexmol.evaluate.alignment import flat_metrics, format_report, records_report
+
+        records = heldout_records(urls, self.alignment_count, on_bad_record=on_bad_record)
+        if len(records) < 2:
+            return None
+        model = load_pretrained(export).to(device)
+        report = records_report(model, records, max_atoms=max_atoms, device=device)
+        report["data"] = list(urls)
+        (out / "alignment.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(format_report(report), flush=True)
+        return {"split": "alignment", **flat_metrics(report, prefix="alignment/")}

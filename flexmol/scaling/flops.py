@@ -7,7 +7,7 @@ Gaussian kernels) costs O(n^2) in a molecule's atoms. So the cost is measured.
 **What is measured.** :func:`step_flops` counts, with ``torch.utils.flop_counter.FlopCounterMode``,
 the FLOPs of one training micro-step as the trainer runs it: ``pretraining_losses(...)["total"]``
 and its ``backward()``, the model in training mode, the stage's feature learners frozen
-(:func:`flexmol.train.trainer.frozen_parameters`) and ``train_feature_learners = (stage == 1)``.
+(:func:`flexmol.objectives.stages.frozen_parameters`) and ``train_feature_learners = (stage == 1)``.
 FlopCounterMode counts matrix products (mm, addmm, bmm, attention kernels); element-wise work
 (activations, layer norms, softmax, the Gaussian kernels' exp, the loss reductions) and the
 optimizer's update are not matrix products and are not counted, the convention of 6ND. bf16
@@ -93,7 +93,7 @@ def prepare(model: FlexMol, stage: int) -> FlexMol:
     """``model`` as the trainer trains it in ``stage``: training mode, the stage's frozen
     parameters without gradient. (The counts do not depend on the latter today: in stage 2 the
     objectives run the feature learners without gradient, ``train_feature_learners=False``.)"""
-    from flexmol.train.trainer import frozen_parameters
+    from flexmol.objectives.stages import frozen_parameters
 
     for p in model.parameters():
         p.requires_grad_(True)

@@ -211,19 +211,20 @@ def heldout_evaluation(spec: Spec, facts: dict[str, SourceFacts], export: Path, 
 
     from flexmol import load_pretrained
     from flexmol.data.streams import fixed_batches
+    from flexmol.objectives import FlexMolObjective
     from flexmol.scaling.spec import objective as study_objective
-    from flexmol.train.trainer import heldout_losses
+    from flexmol.train.validation import heldout_losses
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(export).to(device).eval()
-    objective = dataclasses.replace(study_objective(spec), gather_negatives="off")
+    objective = FlexMolObjective(study_objective(spec), stage=1).heldout()
     out = {}
     for source, f in facts.items():
         batches = fixed_batches(f.heldout_urls, max_atoms=spec.train.max_atoms, max_molecules=spec.heldout.max_molecules,
                                 max_spd=model.cfg.max_spd, max_path=model.cfg.max_path)
-        sums, n = heldout_losses(model, batches, objective, seed=seed, device=device)
+        sums, counts = heldout_losses(model, batches, objective, seed=seed, device=device)
         for k, v in sorted(sums.items()):
-            out[f"val/{source}/{k}"] = float(v) / float(n)
+            out[f"val/{source}/{k}"] = float(v) / float(counts[k])
     return out
 
 

@@ -26,16 +26,17 @@ from typing import Any, Dict, List, Optional
 
 from flexmol import config
 from flexmol.config import ConfigError
+from flexmol.data.integrity import MODALITY_OF_SOURCE
 from flexmol.scaling import ScalingError
 
-SOURCES = ("paired", "single_2d", "single_3d")
+SOURCES = tuple(MODALITY_OF_SOURCE)
 SCHEDULES = ("mixed", "two_phase")
 # The held-out losses each source's batches give (flexmol.objectives.pretraining_losses, stage-1 objective)
 LOSSES = {"paired": ("total", "contrastive", "consistency", "alignment", "atom", "spd", "coord", "dist"),
           "single_2d": ("total", "consistency", "atom", "spd"),
           "single_3d": ("total", "consistency", "coord", "dist")}
 # Keys a study sets per run: train.overrides may not change them
-RUN_KEYS = ("stage", "model", "output_dir", "resume", "init_from", "data.paired", "data.single_2d", "data.single_3d",
+RUN_KEYS = ("stage", "model", "output_dir", "resume", "init_from", *(f"data.{source}" for source in SOURCES),
             "data.subset", "data.subset_seed", "data.mix", "data.max_atoms", "train.max_steps", "train.warmup_steps",
             "train.lr", "train.decay", "train.seed", "train.stop_after", "train.grad_accum", "validation")
 
@@ -315,14 +316,13 @@ def source_facts(spec: Spec, sample: int = 2000) -> dict[str, SourceFacts]:
     from flexmol.data.collate import atom_budget_batches
     from flexmol.data.integrity import DataError, dataset_shards
     from flexmol.data.streams import heldout_records
-    from flexmol.train.trainer import MODALITY
 
     out = {}
     for source, dirs in spec.data.items():
         train, heldout, records = [], [], 0
         for d in dirs:
             try:
-                shards = [s for s in dataset_shards(d, f"data.{source}", MODALITY[source]) if s["samples"] > 0]
+                shards = [s for s in dataset_shards(d, f"data.{source}", MODALITY_OF_SOURCE[source]) if s["samples"] > 0]
             except (ConfigError, DataError) as exc:
                 raise ScalingError(f"{spec.path}: {exc}") from None
             if len(shards) <= spec.heldout.shards:

@@ -1,7 +1,9 @@
-"""The pre-training configuration: one tree for both stages, overridable as ``key=value``.
+"""The pre-training configuration: one tree for both recipes and both stages, overridable as
+``key=value``.
 
-Keys others rely on: ``model.size``, ``data.paired``, ``data.single_2d``, ``data.single_3d``,
-``train.max_steps``, ``output_dir``, ``resume``, ``init_from``.
+Keys others rely on: ``recipe``, ``model.size``, ``data.paired``, ``data.single_2d``,
+``data.single_3d`` (one key per source of :data:`SOURCES`), ``train.max_steps``, ``output_dir``,
+``resume``, ``init_from``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ from typing import Dict, List, Optional
 
 from flexmol import config
 from flexmol.config import ConfigError
-from flexmol.objectives import ObjectiveConfig
+from flexmol.data.integrity import MODALITY_OF_SOURCE
+from flexmol.objectives import RECIPES, ObjectiveConfig
+from flexmol.objectives.m2umol import M2UMolConfig
+
+# The training sources (a key each in the data and validation sections) and the batch modality of
+# each: defined once, in flexmol.data.integrity.
+SOURCES = tuple(MODALITY_OF_SOURCE)
 
 
 @dataclass
@@ -105,11 +113,13 @@ class WandbSection:
 
 @dataclass
 class PretrainConfig:
+    recipe: str = "flexmol"  # flexmol (stages 1 and 2: the objective section) | m2umol (the m2umol section)
     stage: int = 1
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    m2umol: M2UMolConfig = field(default_factory=M2UMolConfig)
     validation: ValidationSection = field(default_factory=ValidationSection)
     wandb: WandbSection = field(default_factory=WandbSection)
     deepspeed: str = "zero2"  # a packaged ZeRO config (zero1, zero2, zero3: flexmol/configs/deepspeed) or a JSON path
@@ -121,8 +131,8 @@ class PretrainConfig:
 # Keys naming files or directories: in a config file, a relative value resolves against the file's
 # directory when it exists there (flexmol.config.load_file); on the command line, against the
 # working directory. model.size and deepspeed also take the name of a packaged config.
-PATH_KEYS = ("data.paired", "data.single_2d", "data.single_3d", "validation.paired", "validation.single_2d",
-             "validation.single_3d", "init_from", "resume")
+PATH_KEYS = (*(f"{section}.{source}" for section in ("data", "validation") for source in SOURCES), "init_from",
+             "resume")
 NAME_KEYS = ("model.size", "deepspeed")
 
 
@@ -162,6 +172,12 @@ def validate(cfg: PretrainConfig) -> None:
         if value < low:
             fail(key, f"must be at least {low}, got {value}")
 
+    if cfg.recipe not in RECIPES:
+        fail("recipe", f"'{cfg.recipe}' is not one of {', '.join(RECIPES)}")
+    if cfg.recipe == "m2umol":
+        from flexmol.objectives.m2umol import validate_config
+
+        validate_config(cfg.m2umol)
     if cfg.stage not in (1, 2):
         fail("stage", "must be 1 or 2")
     if cfg.stage == 2 and not cfg.init_from:
@@ -206,8 +222,8 @@ def validate(cfg: PretrainConfig) -> None:
     at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
     at_least("data.subset_seed", d.subset_seed, 0)
     for key, size in d.subset.items():
-        if key not in ("paired", "single_2d", "single_3d"):
-            fail(f"data.subset.{key}", "is not a source (paired, single_2d, single_3d)")
+        if key not in SOURCES:
+            fail(f"data.subset.{key}", f"is not a source ({', '.join(SOURCES)})")
         if not getattr(d, key):
             fail(f"data.subset.{key}", f"data.{key} gives no dataset to take a subset of")
         at_least(f"data.subset.{key}", size, 1)
@@ -227,15 +243,15 @@ def validate(cfg: PretrainConfig) -> None:
         fail("init_from", "is empty (a stage-1 output_dir, its export/ or checkpoints/, or null)")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).exists():
         fail("resume", f"{cfg.resume} does not exist (none, auto or a checkpoint path)")
-    if not (d.paired or d.single_2d or d.single_3d):
-        fail("data.paired", "no dataset given (data.paired, data.single_2d, data.single_3d)")
-    for key in ("paired", "single_2d", "single_3d"):
+    if not any(getattr(d, key) for key in SOURCES):
+        fail(f"data.{SOURCES[0]}", f"no dataset given ({', '.join(f'data.{key}' for key in SOURCES)})")
+    for key in SOURCES:
         for section, dirs in (("data", getattr(d, key)), ("validation", getattr(v, key))):
             if any(not str(x).strip() for x in dirs):
                 fail(f"{section}.{key}", "holds an empty path")
     from flexmol.data.streams import MixingSchedule, MixPoint
 
-    available = [k for k in ("paired", "single_2d", "single_3d") if getattr(d, k)]
+    available = [k for k in SOURCES if getattr(d, k)]
     for i, p in enumerate(d.mix):
         for name, w in p.weights.items():
             if not math.isfinite(w):
