@@ -35,7 +35,8 @@ def add_featurize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smiles-column", help="SMILES column of a CSV/TSV (default: found by name)")
     p.add_argument("--id-column", help="id column of a CSV/TSV or SDF property (default: the row number)")
     p.add_argument("--label-column", action="append", dest="label_columns",
-                   help="a label column kept with each record (repeat for several)")
+                   help="a label column kept with each record (repeat for several; a glob pattern such as "
+                        "'emb_*' keeps every column it matches)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(overrides=[])
     p.epilog = "Any config key can follow as key=value, e.g. featurizer.num_conformers=5 job.num_cpus=8."

@@ -1,5 +1,7 @@
 """The 2D pair inputs (shortest-path distances, path bonds), stored or computed while batching, and
-the batches the loader workers send."""
+the batches the loader workers send, with the record labels asked for."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +253,121 @@ def test_collate_refuses_every_table_that_is_not_its_bonds_tables(damage):
     assert table_problem(bad)
     with pytest.raises(ValueError, match=r"molecule '.*': its (dist|path_bond) table"):
         collate([record(Chem.MolFromSmiles("CCO")), bad])
+
+
+def _described(mol, i):
+    """A record whose labels are RDKit descriptors of its molecule, some of them missing: every
+    third lacks ``logp``, every fourth holds None for ``tpsa``."""
+    from rdkit.Chem import Descriptors
+
+    labels = {"mw": Descriptors.MolWt(mol), "tpsa": None if i % 4 == 0 else Descriptors.TPSA(mol)}
+    if i % 3:
+        labels["logp"] = Descriptors.MolLogP(mol)
+    return {**record(mol), "labels": labels}
+
+
+def test_labels_come_as_a_float_matrix_in_the_order_asked_with_nan_where_a_molecule_lacks_one(molecules):
+    records = [_described(m, i) for i, m in enumerate(molecules[:20])]
+    keys = ["logp", "mw", "tpsa", "absent"]
+    for compact in (False, True):
+        batch = collate(records, labels=keys, compact=compact)
+        got = batch["labels"].numpy()
+        assert batch["labels"].dtype == torch.float32 and got.shape == (20, 4)
+        for i, r in enumerate(records):
+            want = [r["labels"].get(k) for k in keys]
+            want = np.array([np.nan if v is None else v for v in want], dtype=np.float32)
+            assert np.array_equal(got[i], want, equal_nan=True), r["id"]
+        assert np.isnan(got[::3, 0]).all() and not np.isnan(got[1::3, 0]).any()
+        assert np.isnan(got[:, 3]).all()
+        assert np.isfinite(got[:, 1]).all()
+    assert "labels" not in collate(records)  # asked for, not carried by default
+    storages = {v.untyped_storage().data_ptr() for v in batch.values() if isinstance(v, torch.Tensor)}
+    assert len(storages) == 1
+
+
+@pytest.mark.parametrize("value", ["high", float("inf"), True])
+def test_a_label_that_is_not_a_finite_number_is_refused_naming_the_molecule_and_the_key(molecules, value):
+    records = [_described(m, i) for i, m in enumerate(molecules[:3])]
+    records[1]["labels"]["mw"] = value
+    with pytest.raises(ValueError, match=rf"molecule '{re.escape(records[1]['id'])}': label 'mw' is .*, not a finite number"):
+        collate(records, labels=["mw"])
+    collate(records, labels=["tpsa"])  # a key not asked for is not read
+
+
+@pytest.fixture(scope="module")
+def labelled_dataset(tmp_path_factory, nci_smi):
+    """60 NCI molecules from a CSV whose descriptor columns are labels (some cells empty), and a
+    column ``note`` of numbers but one word (molecule 7's), featurised as 2D in shards of 20."""
+    import csv
+
+    from conftest import nci_molecules
+    from flexmol import config
+    from flexmol.featurize import run_featurize
+
+    d = tmp_path_factory.mktemp("labelled")
+    rows = [(smi, _described(mol, i)["labels"]) for i, (smi, mol) in enumerate(nci_molecules(nci_smi, 60))]
+    with open(d / "mols.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["smiles", "mw", "logp", "tpsa", "note"])
+        for i, (smi, lab) in enumerate(rows):
+            w.writerow([smi] + ["" if lab.get(k) is None else repr(lab[k]) for k in ("mw", "logp", "tpsa")]
+                       + ["n/a" if i == 7 else str(i)])
+    run_featurize(config.build(config.FeaturizeConfig, {
+        "source": str(d / "mols.csv"), "out": str(d / "ds"), "modality": "2d",
+        "source_options": {"label_columns": ["mw", "logp", "tpsa", "note"]},
+        "job": {"executor": "serial", "shard_size": 20, "progress": False}}), log=lambda m: None)
+    return d / "ds"
+
+
+def test_training_streams_and_heldout_batches_carry_the_labels_asked_for(labelled_dataset):
+    from flexmol.data.shards import read_shard, shard_paths
+    from flexmol.data.streams import SourceStream, fixed_batches
+
+    records = [r for p in shard_paths(labelled_dataset) for r in read_shard(p)]
+    urls = [str(p) for p in shard_paths(labelled_dataset)]
+    keys = ["tpsa", "logp"]
+
+    def want(index):
+        return np.array([np.nan if records[index]["labels"].get(k) is None else records[index]["labels"][k]
+                         for k in keys], dtype=np.float32)
+
+    for workers in (0, 1):
+        stream = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=workers, labels=keys)
+        for _ in range(4):
+            batch = next(stream)
+            assert batch["labels"].shape == (len(batch["num_atoms"]), 2)
+            for row, index in zip(batch["labels"].numpy(), batch["records"].tolist()):
+                assert np.array_equal(row, want(index), equal_nan=True)
+    fixed = fixed_batches(urls, max_atoms=256, max_molecules=30, labels=keys)
+    got = np.concatenate([b["labels"].numpy() for b in fixed])
+    heldout = [i for p in range(3) for i in range(p * 20, p * 20 + 10)]  # an equal share from each shard
+    assert np.array_equal(got, np.stack([want(i) for i in heldout]), equal_nan=True)
+    assert np.isnan(got).any() and not np.isnan(got).all()
+    assert "labels" not in next(SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0))
+
+
+def test_a_label_that_is_not_a_number_stops_or_is_skipped_in_training_and_held_out_batches(labelled_dataset):
+    from flexmol.data.integrity import DataError
+    from flexmol.data.shards import shard_paths
+    from flexmol.data.streams import SourceStream, fixed_batches
+
+    urls = [str(p) for p in shard_paths(labelled_dataset)]
+    with pytest.raises(DataError, match=r"held-out data: molecule '.*' \(record 7\): label 'note' is 'n/a'"):
+        fixed_batches(urls, max_atoms=256, max_molecules=30, labels=["note"])
+    notes = []
+    fixed = fixed_batches(urls, max_atoms=256, max_molecules=30, labels=["note"], on_bad_record="skip", notes=notes)
+    assert len(notes) == 1 and sum(len(b["num_atoms"]) for b in fixed) == 29
+    with pytest.raises(DataError, match=r"data.single_2d: .* shard shard-000000.tar: record m000000007: label 'note' is "
+                                        r"'n/a', not a finite number"):
+        stopping = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0, labels=["note"])
+        for _ in range(12):
+            next(stopping)
+    logged = []
+    stream = SourceStream("single_2d", urls, max_atoms=256, seed=0, num_workers=0, labels=["note"],
+                          on_bad_record="skip", log=logged.append)
+    for _ in range(12):
+        batch = next(stream)
+        if stream.skipped:
+            break
+    assert stream.skipped == 1 and len(logged) == 1 and "label 'note'" in logged[0]
+    assert not torch.isnan(batch["labels"]).any()

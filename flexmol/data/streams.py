@@ -54,12 +54,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from flexmol.data.collate import atom_budget_batches, collate
+from flexmol.data.collate import atom_budget_batches, collate, label_problem
 from flexmol.data.integrity import (MODALITY_OF_SOURCE, DataError, RecordGuard, ShardReader, batch_problem,
                                     checked_records, decode_checked, value_problem)
 from flexmol.data.shards import load_manifest
 
-SOURCES = ("paired", "single_2d", "single_3d")
+SOURCES = tuple(MODALITY_OF_SOURCE)  # the training sources, in this order
 
 
 @dataclass
@@ -330,15 +330,16 @@ def _batches(max_atoms: int):
     return stage
 
 
-def _collate(records: list[dict], max_spd: int, max_path: int) -> tuple[Optional[dict], Optional[Exception]]:
+def _collate(records: list[dict], max_spd: int, max_path: int, labels: Sequence[str] = ()
+             ) -> tuple[Optional[dict], Optional[Exception]]:
     try:
-        batch = collate(records, max_spd=max_spd, max_path=max_path)
+        batch = collate(records, max_spd=max_spd, max_path=max_path, labels=labels)
     except (ValueError, IndexError, KeyError, TypeError) as exc:
         return None, exc
     return (None, None) if batch_problem(batch) else (batch, None)
 
 
-def _collate_checked(guard: RecordGuard, max_spd: int, max_path: int, offset: int):
+def _collate_checked(guard: RecordGuard, max_spd: int, max_path: int, offset: int, labels: Sequence[str] = ()):
     """Pipeline stage: collate each batch and check its values. A batch that fails is checked record
     by record: a bad record stops the run, or (skip) is dropped and counted and the others make the
     batch; a batch left empty goes on as an empty one, so that its count and position arrive. Each
@@ -353,17 +354,17 @@ def _collate_checked(guard: RecordGuard, max_spd: int, max_path: int, offset: in
             notes = {}
             for m in markers:
                 notes.setdefault(m["__shard__"], m["__note__"])
-            batch, exc = _collate(records, max_spd, max_path)
+            batch, exc = _collate(records, max_spd, max_path, labels)
             if batch is None:
                 good = []
                 for r in records:
-                    why = value_problem(r)
+                    why = value_problem(r) or label_problem(r, labels)
                     if why:
                         notes.setdefault(Path(r["__url__"]).name, guard.problem(r["__url__"], r["__key__"], why))
                         skipped += 1
                     else:
                         good.append(r)
-                batch, exc = _collate(good, max_spd, max_path) if good else (None, None)
+                batch, exc = _collate(good, max_spd, max_path, labels) if good else (None, None)
                 if batch is None and good:  # no record to blame: the batch as a whole
                     shards = sorted({r["__url__"] for r in good})
                     why = f"({type(exc).__name__}: {exc})" if exc else "(values out of range)"
@@ -401,14 +402,14 @@ def _deliver():
 
 def source_pipeline(plan: SourcePlan, *, starts: Sequence[tuple[int, int]], taken: int, max_atoms: int,
                     num_workers: int, max_spd: int = 8, max_path: int = 5, source: str = "paired",
-                    on_bad_record: str = "stop") -> wds.DataPipeline:
+                    on_bad_record: str = "stop", labels: Sequence[str] = ()) -> wds.DataPipeline:
     """The batches of one source, each logical worker from its position in ``starts``; ``taken``
     batches of the stream were handed out before (see the module docstring for how the workers
-    are numbered then)."""
+    are numbered then). ``labels``: the record label keys each batch carries (``collate``)."""
     offset = taken % max(num_workers, 1)
     guard = RecordGuard(source, MODALITY_OF_SOURCE.get(source, source), plan.subset_records, on_bad_record)
     return wds.DataPipeline(_read(plan, guard, starts, offset), _decode(guard), _batches(max_atoms),
-                            _collate_checked(guard, max_spd, max_path, offset), _deliver())
+                            _collate_checked(guard, max_spd, max_path, offset, labels), _deliver())
 
 
 class Coverage:
@@ -466,11 +467,13 @@ class SourceStream:
     ``skipped`` counts the records skipped since this object started (``on_bad_record="skip"``) and
     ``coverage`` the records its batches held. ``subset``: train on the first ``subset`` records of
     the source's fixed permutation keyed by ``subset_seed`` (module docstring). Besides the model's
-    tensors, a batch holds ``records``: the numbers of its molecules in the source, row by row."""
+    tensors, a batch holds ``records``: the numbers of its molecules in the source, row by row,
+    and with ``labels`` (record label keys) ``labels`` [B, L], NaN where a molecule lacks one
+    (:func:`flexmol.data.collate.collate`)."""
 
     def __init__(self, name: str, urls: Sequence[str], *, max_atoms: int, seed: int, shuffle_buffer: int = 1000,
                  num_workers: int = 2, max_spd: int = 8, max_path: int = 5, on_bad_record: str = "stop",
-                 subset: Optional[int] = None, subset_seed: int = 0, log=None):
+                 subset: Optional[int] = None, subset_seed: int = 0, log=None, labels: Sequence[str] = ()):
         self.name, self.urls = name, list(urls)
         self.plan = SourcePlan(self.urls, _shard_sizes(self.urls), seed=seed, block=shuffle_buffer, subset=subset,
                                subset_seed=subset_seed)
@@ -479,7 +482,7 @@ class SourceStream:
         self.positions = [(0, 0)] * self.workers
         self.coverage = Coverage(self.plan.records)
         self._kw = dict(max_atoms=max_atoms, num_workers=num_workers, max_spd=max_spd, max_path=max_path, source=name,
-                        on_bad_record=on_bad_record)
+                        on_bad_record=on_bad_record, labels=tuple(labels))
         self._it: Optional[Iterator] = None
         self._noted: set[str] = set()
         self._log = log
@@ -580,8 +583,25 @@ def heldout_records(urls: Sequence[str], max_molecules: int, modality: Optional[
 
 
 def fixed_batches(urls: Sequence[str], *, max_atoms: int, max_molecules: int, max_spd: int = 8,
-                  max_path: int = 5, on_bad_record: str = "stop", notes: Optional[list] = None) -> list[dict]:
+                  max_path: int = 5, on_bad_record: str = "stop", notes: Optional[list] = None,
+                  labels: Sequence[str] = ()) -> list[dict]:
     """Evaluation batches of :func:`heldout_records`, each molecule with its first conformer,
-    batched by atom budget."""
+    batched by atom budget; with ``labels``, each carries ``labels`` [B, L] (``collate``), and a
+    molecule whose label is not a number raises :class:`DataError`, or with ``on_bad_record="skip"``
+    is left out (its description goes to ``notes``)."""
     records = heldout_records(urls, max_molecules, on_bad_record=on_bad_record, notes=notes)
-    return [collate(b, max_spd=max_spd, max_path=max_path) for b in atom_budget_batches(records, max_atoms)]
+    if labels:
+        kept = []
+        for r in records:
+            why = label_problem(r, labels)
+            if why is None:
+                kept.append(r)
+                continue
+            message = f"held-out data: molecule {r.get('id', '?')!r} (record {r.get('index', '?')}): {why}"
+            if on_bad_record == "stop":
+                raise DataError(message)
+            if notes is not None:
+                notes.append(message)
+        records = kept
+    return [collate(b, max_spd=max_spd, max_path=max_path, labels=labels)
+            for b in atom_budget_batches(records, max_atoms)]

@@ -150,6 +150,18 @@ def check_export(checkpoint: str) -> Path:
     return path
 
 
+def check_mode(mode: str, export: Path) -> None:
+    """Refuse an input ``mode`` the checkpoint in ``export`` cannot serve (an M2UMol export:
+    ``2d``, and ``3d`` with a conformer modality), naming the key."""
+    from flexmol.finetune.model import finetune_modes
+    from flexmol.model.export import export_model_config
+
+    modes = finetune_modes(export_model_config(export))
+    if mode not in modes:
+        raise ConfigError(f"config key 'mode': '{mode}': the checkpoint {export} (an M2UMol export) serves "
+                          f"{', '.join(modes)} only")
+
+
 def check_out(out: str) -> None:
     """``out`` is a directory this process can write into, or one it can create."""
     path = Path(out).expanduser()
@@ -267,7 +279,7 @@ def validate(cfg: FinetuneConfig) -> None:
         fail("out", "is required (the output directory)")
     check_out(cfg.out)
     if cfg.checkpoint:
-        check_export(cfg.checkpoint)  # its sizes too: a model too large for this machine is refused here
+        check_mode(cfg.mode, check_export(cfg.checkpoint))  # its sizes too: a model too large is refused here
     else:
         from flexmol.model.summary import check_fits_memory, model_config
 

@@ -1,5 +1,9 @@
 """Export directories: ``model.safetensors`` (the weights), ``model.yaml`` (the sizes) and
-``checksums.json`` (the weights' sha256 and size). Loading runs no code from the files (safetensors
+``checksums.json`` (the weights' sha256 and size). A FlexMol export's ``model.yaml`` holds its
+sizes (:class:`~flexmol.model.network.ModelConfig`); an M2UMol export's says ``recipe: m2umol``
+and adds its 2D encoder and its target modalities (names, kinds, widths, label keys:
+:class:`~flexmol.model.m2umol.M2UMolModelConfig`), the vector modalities' statistics being
+buffers among the weights. Loading runs no code from the files (safetensors
 and YAML only) and refuses, with one line naming the file, weights that are not the ones written
 (a flipped byte, a truncated copy), a file that is not safetensors, sizes the network cannot be
 built with, and weights that do not fit those sizes.
@@ -60,7 +64,7 @@ def _replace_atomically(path: Path, write) -> None:
 
 
 def save_pretrained(model, path):
-    """Write ``model`` (a FlexMol) as an export directory: ``model.safetensors``, ``model.yaml`` and
+    """Write ``model`` (a FlexMol or an M2UMol) as an export directory: ``model.safetensors``, ``model.yaml`` and
     ``checksums.json`` (sha256 and size of the weights file). Any old ``checksums.json`` is removed
     first and the new one written last, each file through a temporary file renamed into place: an
     export cut short while being written has no checksums (it loads with a warning, or fails its
@@ -140,19 +144,34 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+RECIPES = ("flexmol", "m2umol")
+
+
 def export_model_config(path: str | Path):
-    """The :class:`ModelConfig` of the export in ``path`` (its ``model.yaml``), checked."""
+    """The network description of the export in ``path`` (its ``model.yaml``), checked: a
+    :class:`ModelConfig` (FlexMol), or with ``recipe: m2umol`` an :class:`M2UMolModelConfig`."""
+    from flexmol import config
     from flexmol.model.summary import model_config_file
 
     file = Path(path) / SHAPE
     if not file.is_file():
         raise ExportError(f"{Path(path)}: no {SHAPE} (not a FlexMol export)")
     try:
-        return model_config_file(file)
+        recipe = config.read_yaml(file).get("recipe", "flexmol")
+        if recipe not in RECIPES:
+            raise ExportError(f"{file}: recipe {recipe!r} is not one of {', '.join(RECIPES)} (an export of another "
+                              "version, or not a FlexMol export)")
+        if recipe == "flexmol":
+            return model_config_file(file)
+        from flexmol.model.m2umol import M2UMolModelConfig, validate_m2umol_model
+
+        cfg = config.build(M2UMolModelConfig, file)
+        validate_m2umol_model(cfg)
+        return cfg
     except ExportError:
         raise
     except ConfigError as exc:
-        raise ExportError(str(exc)) from None
+        raise ExportError(str(exc) if str(file) in str(exc) else f"{file}: {exc}") from None
 
 
 def check_export(path: str | Path) -> bool:
@@ -191,7 +210,7 @@ def _check_fit(path: Path, have: dict, want: dict) -> None:
 
 
 def load_pretrained(path, _stacklevel: int = 2):
-    """A FlexMol model from an export directory, in eval mode; see the module's note for what is
+    """The model of an export directory (a FlexMol, or an M2UMol: ``model.yaml`` says), in eval mode; see the module's note for what is
     checked (and weights holding NaN or infinite values are refused). Raises :class:`ExportError`
     (a :class:`ConfigError`) naming the file that is wrong."""
     import torch

@@ -42,11 +42,19 @@ def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def network(cfg: ModelConfig) -> nn.Module:
+    """The network ``cfg`` describes: an M2UMol for an M2UMol description
+    (:class:`~flexmol.model.m2umol.M2UMolModelConfig`), a FlexMol otherwise."""
+    from flexmol.model.m2umol import M2UMol, M2UMolModelConfig
+
+    return M2UMol(cfg) if isinstance(cfg, M2UMolModelConfig) else FlexMol(cfg)
+
+
 def meta_model(cfg: ModelConfig, where: str, error=ConfigError) -> FlexMol:
-    """``FlexMol(cfg)`` on the meta device: shapes only, nothing allocated, whatever the sizes."""
+    """:func:`network` of ``cfg`` on the meta device: shapes only, nothing allocated, whatever the sizes."""
     try:
         with torch.device("meta"):
-            return FlexMol(cfg)
+            return network(cfg)
     except RuntimeError as exc:  # a tensor whose element count overflows 64 bits
         raise error(f"{where}: sizes {sizes_text(cfg)} are too large to build a model with ({_first_line(exc)})") \
             from None
@@ -90,12 +98,12 @@ def check_fits_memory(cfg: ModelConfig, where: str, parameters: int | None = Non
 
 
 def build_model(cfg: ModelConfig, where: str, error=ConfigError, parameters: int | None = None) -> FlexMol:
-    """``FlexMol(cfg)``, its weights allocated and initialised, after :func:`check_fits_memory`
+    """:func:`network` of ``cfg``, its weights allocated and initialised, after :func:`check_fits_memory`
     (``parameters``: the count when already known); an allocation that fails all the same raises
     ``error`` naming ``where`` and the parameter count (one line, no traceback)."""
     n = check_fits_memory(cfg, where, parameters, error)
     try:
-        return FlexMol(cfg)
+        return network(cfg)
     except (MemoryError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower():
             raise
