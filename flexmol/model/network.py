@@ -182,3 +182,31 @@ class FlexMol(nn.Module):
     def embed(self, batch: dict) -> torch.Tensor:
         """Pooled molecule embedding [B, d] for any modality."""
         return self.forward(batch, decode=False)["embedding"]
+
+    # -- embedding spaces ----------------------------------------------------------------------
+    # The batch modalities this network takes, and the spaces each gives: the 2D and 3D encoders'
+    # outputs (``_generated`` where the encoder ran on a decoder's output) and the fused one.
+    input_modalities = ("2d", "3d", "paired")
+    SPACES = {"2d": ("2d", "3d_generated", "fused"), "3d": ("3d", "2d_generated", "fused"),
+              "paired": ("2d", "3d", "fused")}
+
+    def space_names(self, modality: str) -> tuple[str, ...]:
+        """The names :meth:`spaces` gives for a batch of ``modality``, in its order."""
+        return self.SPACES[modality]
+
+    def spaces(self, batch: dict, atoms: bool = False) -> dict[str, torch.Tensor]:
+        """Every embedding space of the batch's molecules, by name (:meth:`space_names`): the 2D
+        encoder's output ``x_f`` (``2d``, or ``2d_generated`` for a 3D batch), the 3D encoder's
+        ``y_f`` (``3d``, or ``3d_generated`` for a 2D batch) and the multi-modal encoder's ``h``
+        (``fused``; pooled, the :meth:`embed` embedding). Pooled [B, d] as the mean over the atoms,
+        or per atom [B, N, d] (padding rows zero) with ``atoms``. The forward pass is the one
+        :meth:`embed` runs; nothing of it changes."""
+        out = self.forward(batch, decode=False)
+        mask = batch["mask"]
+        names = self.space_names(batch["modality"])
+        encoders = (out["x_f"], out["y_f"]) if batch["modality"] != "3d" else (out["y_f"], out["x_f"])
+        tensors = encoders + (out["h"],)
+        if atoms:
+            return {name: t * mask.unsqueeze(-1).to(t.dtype) for name, t in zip(names, tensors)}
+        pooled = {name: masked_mean(t, mask) for name, t in zip(names[:2], tensors[:2])}
+        return {**pooled, "fused": out["embedding"]}
