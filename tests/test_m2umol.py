@@ -242,6 +242,9 @@ def _gathering_rank(rank, world, port, rows, out_dir):
             grads = torch.cat([p.grad.reshape(-1) for k, p in model.named_parameters() if p.grad is not None])
             dist.all_reduce(grads)
             result[mode] = {"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads / world}
+        with torch.no_grad():  # held-out scoring: each rank's batch alone, whatever the other ranks hold
+            held = obj.heldout().losses(model, collate(records[6 * rank:6 * rank + 6], labels=obj.label_keys()))
+        result["heldout"] = {"losses": {k: v.detach() for k, v in held.items()}}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -283,6 +286,9 @@ def test_negatives_gathered_over_two_ranks_give_the_loss_of_one_process_holding_
         assert mean.item() == pytest.approx(reference[name].item(), rel=1e-5), name
     assert torch.allclose(ranks[0]["on"]["grads"], grads, rtol=1e-4, atol=1e-6)
     assert all("nt_xent/qm9" not in r["off"]["losses"] and "nt_xent/3d" in r["off"]["losses"] for r in ranks)
+    alone = obj.heldout().losses(model, collate(records[6:], labels=obj.label_keys()))
+    assert "nt_xent/qm9" not in ranks[0]["heldout"]["losses"]  # one molecule with the properties
+    assert ranks[1]["heldout"]["losses"]["nt_xent/qm9"].item() == pytest.approx(alone["nt_xent/qm9"].item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------- export
@@ -499,7 +505,7 @@ def mix(tmp_path_factory, nci_smi):
     return base / "qm9", nci_2d_dataset(base, nci_smi, 100)
 
 
-def test_the_m2umol_config_runs_through_the_launcher_and_resumes_exactly(qm9_rows, mix, tmp_path):
+def test_the_m2umol_config_runs_through_the_launcher_and_resumes_exactly(qm9_rows, mix, tmp_path, capsys):
     from flexmol.train.cli import main
 
     qm9, nci = mix
@@ -507,6 +513,8 @@ def test_the_m2umol_config_runs_through_the_launcher_and_resumes_exactly(qm9_row
               "data.max_atoms=256", "train.max_steps=4", "train.warmup_steps=2", "train.log_every=1",
               "train.save_every=100", "validation.every=0", "validation.max_molecules=40", "wandb.mode=disabled"]
     assert main(common + [f"output_dir={tmp_path / 'a'}"]) == 0
+    progress = capsys.readouterr().err
+    assert "m2umol: " in progress and "stage" not in progress  # the recipe has no stages
     assert main(common + [f"output_dir={tmp_path / 'b'}", "train.stop_after=2"]) == 0
     assert not (tmp_path / "b" / "export").exists()
     assert main(common + [f"output_dir={tmp_path / 'b'}", "resume=auto"]) == 0

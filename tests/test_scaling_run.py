@@ -99,6 +99,7 @@ def test_plan_prints_every_run_with_parameters_budget_steps_and_measured_flops(s
     ({"probe.metric": "rmse"}, "probe.metric"),  # a regression metric for a classification probe
     ({"passes": 0}, "passes"),
     ({"train.overrides": {"train.grad_accum": 4}}, "train.overrides.train.grad_accum"),  # would multiply the budget
+    ({"train.overrides": {"recipe": "m2umol"}}, "train.overrides.recipe"),  # FLOP models and losses are FlexMol's
     ({"heldout.loss": ["paired/atom", "paired/atom"]}, "heldout.loss"),  # counted twice in val_loss
     ({"probe.split": "bogus"}, "probe.split"),
     ({"probe.targets": []}, "probe.targets"),

@@ -71,6 +71,10 @@ def test_the_recipe_key_chooses_the_objective_and_the_stage_chooses_flexmols(qm9
     one = build_objective(load(f"data.paired=[{qm9_shards}]"))
     two = build_objective(load(f"data.paired=[{qm9_shards}]", "stage=2", f"init_from={tmp_path}"))
     assert isinstance(one, FlexMolObjective) and (one.name, one.stage, two.stage) == ("flexmol", 1, 2)
+    m2u = build_objective(load(f"data.paired=[{qm9_shards}]", "recipe=m2umol", 'm2umol.modalities={"3d": {"kind": '
+                               '"conformer"}}'))
+    # what the progress bar says: M2UMol has no stages
+    assert (one.title, two.title, m2u.title) == ("flexmol stage 1", "flexmol stage 2", "m2umol")
 
     class Recorded:
         def __init__(self, cfg):
@@ -88,6 +92,9 @@ def test_an_unknown_recipe_is_refused_naming_the_key(qm9_shards):
 
     with pytest.raises(ConfigError, match=r"config key 'recipe': 'unimol' is not one of flexmol, m2umol"):
         load(f"data.paired=[{qm9_shards}]", "recipe=unimol")
+    with pytest.raises(ConfigError, match=r"config key 'stage': 2: the m2umol recipe has no stages"):
+        load(f"data.paired=[{qm9_shards}]", "recipe=m2umol", 'm2umol.modalities={"3d": {"kind": "conformer"}}',
+             "stage=2", f"init_from={qm9_shards}")
     cfg = load(f"data.paired=[{qm9_shards}]")
     cfg.recipe = "unimol"  # past validation, the registry still refuses it
     with pytest.raises(ConfigError, match=r"config key 'recipe'"):
@@ -164,14 +171,18 @@ def test_the_trainer_refuses_such_a_mix_before_it_starts(qm9_shards, tmp_path, m
     assert not (tmp_path / "o").exists()  # refused before anything was made
 
 
-def test_samples_for_prepare_are_each_sources_first_records(qm9_shards):
+def test_samples_for_prepare_are_an_equal_share_of_every_training_shards_first_records(qm9_shards):
+    """QM9 is stored smallest molecules first: statistics from the first shard alone (CH4, NH3,
+    H2O, ...) would not describe the data, so every training shard gives its share."""
     from flexmol.data.streams import heldout_records
     from flexmol.train.data import TrainingData
 
     data = TrainingData(load(f"data.paired=[{qm9_shards}]"))
-    got = data.samples(5)
-    first = heldout_records(data.sources["paired"][:1], 5)
-    assert list(got) == ["paired"] and [r["id"] for r in got["paired"]] == [r["id"] for r in first]
+    urls = data.sources["paired"]
+    assert len(urls) == 2  # 3 shards, the last held out
+    got = data.samples(6)
+    share = [r["id"] for u in urls for r in heldout_records([u], 3)]
+    assert list(got) == ["paired"] and [r["id"] for r in got["paired"]] == share
     assert data.samples(0) == {"paired": []}
 
 

@@ -1,12 +1,10 @@
 """Pre-training objectives: FlexMol's stage 1 on paired data and stage 2 on 2D-only or 3D-only
 data, and M2UMol's multi-to-uni transfer, each an :class:`~flexmol.objectives.base.Objective` of the
 training loop, chosen by the config key ``recipe`` (:func:`build_objective`)."""
+from flexmol.model.export import RECIPES  # the values of the config key ``recipe``: the exports' list
 from flexmol.objectives.base import Objective
 from flexmol.objectives.stages import (FlexMolObjective, ObjectiveConfig, mask_atoms, pretraining_losses,
                                        validate_objective)
-
-# The values of the config key ``recipe``.
-RECIPES = ("flexmol", "m2umol")
 
 
 def build_objective(cfg) -> Objective:

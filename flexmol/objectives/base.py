@@ -36,9 +36,14 @@ class Objective(abc.ABC):
 
     name: ClassVar[str]
     modalities: ClassVar[frozenset[str]]
-    # Records of each training source :meth:`prepare` is given (the first ones of its first shard;
-    # records that do not decode are left out); 0: none are read.
+    # Records of each training source :meth:`prepare` is given (an equal share of the first ones of
+    # each of its training shards; records that do not decode are left out); 0: none are read.
     sample_records: ClassVar[int] = 256
+
+    @property
+    def title(self) -> str:
+        """What the run's progress and messages call this objective (by default its name)."""
+        return self.name
 
     def prepare(self, samples: dict[str, list[dict]]) -> None:
         """Called once before :meth:`build_model` with up to :attr:`sample_records` records of

@@ -13,7 +13,9 @@ The losses of a batch (2D or paired; a 3D-only batch has no 2D embedding to tran
   the modality (a conformer: every molecule of a paired batch; a vector: every one of its values
   present), negatives gathered across data-parallel ranks as FlexMol's contrastive loss does. A
   molecule missing a modality trains the others. With fewer than 2 such molecules (over the ranks
-  when negatives are gathered; on every rank when not) the term is absent that step.
+  when negatives are gathered; on every rank when not, so that every rank's losses have the same
+  names) the term is absent that step. Held-out scoring (:meth:`M2UMolObjective.heldout`) decides
+  per batch alone, so that the figures do not depend on the world size.
 - ``classifier``: cross-entropy of the modality classifier over every adapter's output of every
   molecule (which modality's adapter it came from), weighted by ``classifier_weight``.
 - ``total``: the sum of the NT-Xent terms and the weighted classifier loss.
@@ -136,6 +138,9 @@ class M2UMolObjective(Objective):
         self.cfg: M2UMolConfig = cfg.m2umol
         validate_config(self.cfg)
         self.gather_negatives = self.cfg.gather_negatives
+        # whether the ranks agree on which terms a step has (training: the loop reduces every
+        # loss by name over the ranks); held-out scoring unions the names instead
+        self.agree = True
         # vector modality -> (label keys, mean, std), from :meth:`prepare`
         self.resolved: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
 
@@ -238,9 +243,10 @@ class M2UMolObjective(Objective):
         return {f"fusion.{k}": p for k, p in model.fusion.named_parameters()}
 
     def heldout(self) -> "M2UMolObjective":
-        """This objective with negatives from each rank's own batch."""
+        """This objective with negatives from each rank's own batch, each batch's terms decided
+        by that batch alone."""
         held = copy.copy(self)
-        held.gather_negatives = "off"
+        held.gather_negatives, held.agree = "off", False
         return held
 
     # -- the losses ------------------------------------------------------------------------------
@@ -267,7 +273,8 @@ class M2UMolObjective(Objective):
             pairs.append((name, adapted[name][rows], model.encode_vector(name, values[rows])))
 
         gather = gather_enabled(self.gather_negatives)
-        sizes = self._sizes([len(a) for _, a, _ in pairs], out["h_2d"].device)
+        local = [len(a) for _, a, _ in pairs]
+        sizes = self._sizes(local, out["h_2d"].device) if gather or self.agree else [local]
         losses: dict[str, torch.Tensor] = {}
         untrained = out["h_2d"].new_zeros(())
         for j, (name, a, t) in enumerate(pairs):

@@ -160,6 +160,10 @@ class FlexMolObjective(Objective):
             raise ValueError(f"stage: must be 1 or 2, got {stage!r}")
         self.cfg, self.stage, self.model_key, self.alignment_count = cfg, stage, model_key, alignment_count
 
+    @property
+    def title(self) -> str:
+        return f"{self.name} stage {self.stage}"
+
     def build_model(self, model_cfg) -> FlexMol:
         from flexmol.model.summary import build_model
 

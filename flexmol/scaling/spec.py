@@ -241,6 +241,9 @@ def validate(spec: Spec) -> None:
         if getattr(r, key) < 0:
             fail(f"run.{key}", f"must be 0 or more, got {getattr(r, key)}")
     for key in t.overrides:
+        if key in ("recipe", "m2umol") or key.startswith("m2umol."):
+            fail(f"train.overrides.{key}", "scaling studies run the FlexMol recipe (their FLOP models, held-out "
+                                           "losses and evaluation are FlexMol's)")
         if any(key == k or key.startswith(k + ".") for k in RUN_KEYS):
             fail(f"train.overrides.{key}", "is set by the study for each run (its model, data, budget, schedule, "
                                            "seed, held-out set); change the spec's own keys instead")

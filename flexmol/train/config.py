@@ -178,6 +178,8 @@ def validate(cfg: PretrainConfig) -> None:
         from flexmol.objectives.m2umol import validate_config
 
         validate_config(cfg.m2umol)
+        if cfg.stage != 1:
+            fail("stage", f"{cfg.stage}: the m2umol recipe has no stages (stage is FlexMol's); leave it at 1")
     if cfg.stage not in (1, 2):
         fail("stage", "must be 1 or 2")
     if cfg.stage == 2 and not cfg.init_from:

@@ -152,11 +152,14 @@ class TrainingData:
                               f"only (recipe={self.cfg.recipe})")
 
     def samples(self, count: int) -> dict[str, list[dict]]:
-        """Up to ``count`` records of each training source: the first ones of its first shard
-        (records that do not decode are left out here; training meets and reports them)."""
+        """Up to ``count`` records of each training source: an equal share of the first ones of
+        each of its training shards (:func:`~flexmol.data.streams.heldout_records`), so that a
+        dataset stored in an order (QM9's grows with the molecules' size) is represented by more
+        than its start; the same on every rank and every resume. Records that do not decode are
+        left out here; training meets and reports them."""
         if count <= 0:
             return {k: [] for k in self.sources}
-        return {k: heldout_records(urls[:1], count, on_bad_record="skip") for k, urls in self.sources.items()}
+        return {k: heldout_records(urls, count, on_bad_record="skip") for k, urls in self.sources.items()}
 
     def open(self, *, world: int, step: int, max_spd: int, max_path: int, labels=(), log=None) -> MixedStream:
         """The mixed stream at optimizer ``step`` 0 (positions: :meth:`load_state_dict`), its

@@ -232,7 +232,7 @@ class Pretrainer:
             self.metrics.trim(self.step, self.resumed, closing=self.step >= t.max_steps)
             from tqdm import tqdm
 
-            bar = tqdm(total=last, initial=self.step, unit="step", desc=f"{self.objective.name} stage {self.cfg.stage}",
+            bar = tqdm(total=last, initial=self.step, unit="step", desc=self.objective.title,
                        mininterval=1.0)
             self.metrics.start()
         history = []
