@@ -300,6 +300,8 @@ def test_cli_refusals(tmp_path, export, nci_smi, capsys):
         (("--out", out, "--overwrite", "--modality", "3d"), "needs coordinates"),
         (("--out", out, "--overwrite", "--space", "3d"), "--space 3d: 2d input"),
         (("--out", out / "x.npy"), "emb.parquet"),  # a file where the output's folder should be
+        (("--out", out, "--overwrite", "--device", "gpu0"), "device 'gpu0': not a device"),
+        (("--out", out, "--overwrite", "--device", "cuda:99"), "device cuda:99: "),
     ]
     for extra, message in cases:
         assert _embed(nci_smi, "--checkpoint", export, "--limit", 3, *extra) == 2

@@ -121,3 +121,23 @@ def test_graph_features_match_rdkit_directly():
         assert bool(af[i, 8]) == atom.IsInRing()
     for (i, j), f in zip(bi.tolist(), bf):
         assert int(mol.GetBondBetweenAtoms(i, j).GetBondType()) == f[0]
+
+
+def test_e_and_z_isomers_get_their_bond_stereo_and_distinct_inchikeys(egfr_sdf):
+    """Read without sanitising then sanitised, a molecule has no bond stereo unless it is assigned:
+    E and Z isomers would featurise alike and be rejected as duplicates of each other."""
+    from rdkit.Chem import AllChem
+
+    f = Featurizer(FeaturizerConfig(), modality="2d")
+    recs = [f(RawInput(i, str(i), "smiles", s)) for i, s in enumerate(["F/C=C/F", "F/C=C\\F", "FC=CF"])]
+    stereo = [tuple(r["bond_feat"][:, 1]) for r in recs]
+    assert len(set(stereo)) == 3 and len({r["inchikey"] for r in recs}) == 3
+    # the same from a 3D molfile: the geometry decides
+    blocks = []
+    for s in ("F/C=C/F", "F/C=C\\F"):
+        m = Chem.AddHs(Chem.MolFromSmiles(s))
+        AllChem.EmbedMolecule(m, randomSeed=0)
+        blocks.append(Chem.MolToMolBlock(m))
+    from_3d = [Featurizer(FeaturizerConfig(), modality="2d")(RawInput(i, str(i), "molblock", b)) for i, b in enumerate(blocks)]
+    assert [r["inchikey"] for r in from_3d] == [r["inchikey"] for r in recs[:2]]
+    assert [tuple(r["bond_feat"][:, 1]) for r in from_3d] == stereo[:2]

@@ -36,11 +36,13 @@ def export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory, nci_smi):
-    """240 distinct NCI molecules (by canonical SMILES), then one that does not parse and one with
-    an element the featuriser refuses."""
+    """240 distinct NCI molecules, then one that does not parse and one with an element the
+    featuriser refuses. Distinct by canonical SMILES without stereo or isotopes: molecules that
+    differ only there can have identical records (isotopes are not featurised), hence identical
+    embeddings that tie at similarity 1 in no set order."""
     seen, lines = set(), []
     for i, (smi, mol) in enumerate(nci_molecules(nci_smi, 300)):
-        can = Chem.MolToSmiles(mol)
+        can = Chem.MolToSmiles(mol, isomericSmiles=False)
         if can not in seen and len(seen) < 240:
             seen.add(can)
             lines.append(f"{smi} nci{i}")
@@ -191,6 +193,9 @@ def test_cli_refusals(tmp_path, indexes, export, capsys):
     assert "not the ones" in err and "sha256" in err and len(err.strip().splitlines()) == 1
     assert main(q + ["--index", index, "--space", "3d"]) == 2
     assert "--space '3d'" in capsys.readouterr().err
+    assert main(q + ["--index", index, "--device", "cuda:99"]) == 2
+    err = capsys.readouterr().err
+    assert "device cuda:99: " in err and len(err.strip().splitlines()) == 1
     damaged = tmp_path / "damaged"
     shutil.copytree(index, damaged)
     with open(damaged / "fused.faiss", "r+b") as f:

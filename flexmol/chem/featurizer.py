@@ -11,7 +11,7 @@ from rdkit import Chem
 from flexmol.chem.conformers import attach_geometry, generate_conformers, molecule_seed, mol_from_xyz_block, perceive_bonds
 from flexmol.chem.errors import Rejected
 from flexmol.chem.features import graph_features
-from flexmol.chem.molecule import identity, parse_smiles, sanitize_or_reject, standardize
+from flexmol.chem.molecule import assign_stereo, identity, parse_smiles, sanitize_or_reject, standardize
 from flexmol.chem.pairs import stored_tables
 from flexmol.config import MODALITIES, FeaturizerConfig
 from flexmol.data.schema import SCHEMA_VERSION
@@ -85,7 +85,7 @@ class Featurizer:
             mol = geometry
             method = "input"
 
-        heavy = _without_hydrogens(geometry if geometry is not None else mol)
+        heavy = assign_stereo(_without_hydrogens(geometry if geometry is not None else mol))
         smiles, key = identity(heavy)
         record: dict[str, Any] = {"v": SCHEMA_VERSION, "index": raw.index, "id": raw.id, "smiles": smiles,
                                   "inchikey": key, "modality": self.modality}

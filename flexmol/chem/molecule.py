@@ -26,6 +26,23 @@ def sanitize_or_reject(mol: Chem.Mol, what: str) -> Chem.Mol:
     return mol
 
 
+def assign_stereo(mol: Chem.Mol) -> Chem.Mol:
+    """Double-bond E/Z and atom chirality as RDKit's sanitising readers assign them, in place. A
+    molecule read with ``sanitize=False`` and then sanitised has no bond stereo: E and Z isomers
+    would get the same bond features and the same InChIKey (and be rejected as duplicates of each
+    other). A 3D conformer decides from the geometry; a 2D one from its wedges and coordinates;
+    otherwise the SMILES' bond directions and chiral tags."""
+    if mol.GetNumConformers():
+        conf = mol.GetConformer()
+        if conf.Is3D():
+            Chem.AssignStereochemistryFrom3D(mol, conf.GetId())
+            return mol
+        Chem.AssignChiralTypesFromBondDirs(mol, conf.GetId())
+        Chem.DetectBondStereochemistry(mol, conf.GetId())
+    Chem.AssignStereochemistry(mol, cleanIt=True, force=True)
+    return mol
+
+
 _WHITESPACE = re.compile(r"\s")  # any Unicode whitespace: space, tab, line breaks, U+2028, U+00A0 ...
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A ChemAxon extension (CXSMILES): one space, then a single |...| block ending the field,

@@ -29,6 +29,20 @@ def symbols(z: np.ndarray) -> list[str]:
     return [table.GetElementSymbol(int(a)) for a in z]
 
 
+def check_device(name) -> torch.device:
+    """``name`` as a torch device; :class:`ConfigError` in one line when it is not one, or names a
+    CUDA device this machine does not have."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"device {name}: {'no CUDA device' if not count else f'{count} CUDA device(s)'} here")
+    return device
+
+
 class Embedder:
     """A checkpoint ready to embed molecules.
 
@@ -47,9 +61,9 @@ class Embedder:
         for key, value in (("batch_size", batch_size), ("max_atoms", max_atoms)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} {value!r}: must be an integer of at least 1")
+        self.device = check_device(device)
         self.path = export_dir(str(checkpoint))
-        self.model = flexmol.load_pretrained(self.path).to(device).eval()
-        self.device = torch.device(device)
+        self.model = flexmol.load_pretrained(self.path).to(self.device).eval()
         self.batch_size, self.max_atoms, self.workers = batch_size, max_atoms, workers
         self.featurizer = featurizer or FeaturizerConfig(num_conformers=1)
         self.recipe = getattr(self.model.cfg, "recipe", "flexmol")
