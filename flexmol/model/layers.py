@@ -2,6 +2,9 @@
 by the attention logits (Uni-Mol), pre-LN."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,3 +114,38 @@ def encode_jointly(enc2: PairTransformer, enc3: PairTransformer, x, p, y, q, mas
     for l2, l3 in zip(enc2.layers, enc3.layers):
         x, p, y, q = shared_layer_pair(l2, l3, x, p, y, q, mask)
     return (*enc2.finish(x, p), *enc3.finish(y, q))
+
+
+def attention_probabilities(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The attention probabilities [B, N, N] (query i, key j) of a layer whose attention returned
+    ``logits`` [B, N, N, H]: the softmax over the real keys (``mask`` [B, N]) that the attention
+    applied, averaged over the heads. Every row, padding queries' too, sums to 1 over real atoms."""
+    keys = mask[:, None, :, None]
+    probs = torch.softmax(logits.float().masked_fill(~keys, float("-inf")), dim=2)
+    return probs.mean(-1)
+
+
+@contextmanager
+def capture_attention(*stacks: PairTransformer, detach: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Record the attention probabilities of every layer of ``stacks`` while the block runs.
+
+    Yields a list that receives, per layer call in call order, the layer's
+    :func:`attention_probabilities` [B, N, N] (averaged over heads). Recording reads the logits
+    and the mask a layer already returns and takes, so the outputs are unchanged; ``detach=False``
+    keeps the probabilities in the autograd graph. Layers run one at a time through their own
+    ``forward`` are recorded; :func:`shared_layer_pair` (paired inputs through two stacks at
+    once) calls the attention directly and is not.
+    """
+    records: list[torch.Tensor] = []
+
+    def hook(layer, args, kwargs, output):
+        mask = args[2] if len(args) > 2 else kwargs["mask"]
+        probs = attention_probabilities(output[1], mask)
+        records.append(probs.detach() if detach else probs)
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for stack in stacks for layer in stack.layers]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
