@@ -203,7 +203,8 @@ def _featurize(raws: list, needs_3d: bool, generate: bool) -> list[tuple[str, ob
         if raw.error is None and not _has_3d(raw):
             why = ("an SDF record without 3D coordinates" if raw.kind == "molblock" else "a SMILES has no coordinates")
             out[raw.index] = ("rejected", _reject(raw.index, raw.id, raw.text, "no_conformer",
-                                                  f"no conformer for 3D: {why} (generate one with conformers=etkdg)"))
+                                                  f"no conformer for 3D: {why} (generate one: conformers=etkdg, "
+                                                  "on the command line --conformers etkdg)"))
         else:
             keep.append(raw)
     for raw, result in zip(keep, _featurize_chunk(keep)):

@@ -11,8 +11,15 @@ An index directory holds, for a library embedded as 2D input by one checkpoint:
 - ``ecfp4.npy``: the library's ECFP4 fingerprints, packed ``uint8 [N, 256]``, for the Tanimoto baseline.
 - ``rejects.jsonl``: every library input that could not be indexed, with its reason.
 - ``index.json``, written last: the checkpoint and its weights' sha256, recipe, spaces and
-  dimensions, index kind and parameters, counts, build time, and each file's size (checked when
-  the index is loaded) and sha256.
+  dimensions, index kind and parameters, counts (``duplicate_rows``: rows whose canonical SMILES
+  an earlier row has), build time, and each file's size and sha256. Loading checks every size;
+  the sha256 only when asked (``verify``, ``--verify``): hashing costs about as much again as faiss
+  takes to read the file, on every load.
+
+Each library input is a row of its own, with its id, even when its canonical SMILES is another
+row's (a library may list one molecule under several ids, and the user's ids are what a hit
+reports): such rows have equal vectors, hence equal similarity to any query. A hit whose SMILES
+an earlier hit of the same list has says so (``duplicate_of``: that hit's rank).
 
 An index is built in a hidden directory beside ``OUT`` and renamed to ``OUT`` when it is complete:
 a build that is interrupted leaves nothing under ``OUT`` (and what it left aside holds no
@@ -26,8 +33,9 @@ one pass over the vectors, and its recall falls only slowly as the library grows
 walks a graph instead of searching a fixed number of cells; it costs the vectors plus about
 ``2 M`` links of 4 bytes per molecule, and the longest build. IVF (``IndexIVFFlat``: ``4 sqrt(N)`` k-means cells trained on a
 seeded sample, 32 of them searched) builds faster and keeps only the vectors and their ids, but its
-recall depends on how the library falls into cells. ``benchmarks/retrieval.py`` measures both
-(build time, bytes, latency, recall@10 against exact search).
+recall depends on how the library falls into cells. ``benchmarks/retrieval.py`` measures a built
+index of either kind as users run it (load, search and CLI latency, memory, bytes, recall@10
+against exact search over the vectors the index stores).
 """
 from __future__ import annotations
 
@@ -188,13 +196,16 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 @dataclass
 class Hit:
     """One library molecule retrieved for a query: rank (1 = nearest), similarity (cosine in an
-    embedding space, Tanimoto for ECFP4), its library row, id and canonical SMILES."""
+    embedding space, Tanimoto for ECFP4), its library row, id and canonical SMILES;
+    ``duplicate_of``: the rank of an earlier hit of the same list with the same SMILES (another
+    library row of the same molecule), else None."""
 
     rank: int
     similarity: float
     row: int
     id: str
     smiles: str
+    duplicate_of: Optional[int] = None
 
 
 @dataclass
@@ -295,6 +306,8 @@ class Index:
         from flexmol.tools.embedder import Embedder
 
         options = (options or IndexOptions()).check()
+        if not isinstance(workers, int) or workers < 0:
+            raise RetrieveError(f"--workers {workers!r}: must be at least 0 (0: the machine's cores)")
         out = Path(out)
         _check_out(out, overwrite)
         source, described = _library_source(library)
@@ -324,9 +337,11 @@ class Index:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, checkpoint: Optional[str | Path] = None, *, device: str = "cpu",
-             batch_size: int = 256) -> "Index":
-        """The index in ``path``, its files checked; its checkpoint is the one ``index.json`` names,
-        or ``checkpoint``, refused if its weights' sha256 is not the one the index was built with."""
+             batch_size: int = 256, verify: bool = False) -> "Index":
+        """The index in ``path``, every file's size checked against ``index.json`` (with ``verify``,
+        its sha256 too: a whole extra read of the index); its checkpoint is the one ``index.json``
+        names, or ``checkpoint``, refused if its weights' sha256 is not the one the index was built
+        with."""
         path = Path(path)
         meta = _read_meta(path)
         given = checkpoint if checkpoint is not None else meta["checkpoint"]
@@ -348,6 +363,14 @@ class Index:
             if file.stat().st_size != want["bytes"]:
                 raise RetrieveError(f"{file}: {file.stat().st_size} bytes, {META} says {want['bytes']}: the index "
                                     "is damaged; copy or build it again")
+        if verify:
+            from flexmol.data.registry import sha256_file
+
+            for name, want in meta["files"].items():
+                got = sha256_file(path / name)
+                if got != want["sha256"]:
+                    raise RetrieveError(f"{path / name}: sha256 {got[:12]}..., {META} says {want['sha256'][:12]}...: "
+                                        "the index is damaged; copy or build it again")
         return cls(path, meta, export, device, batch_size)
 
     def vector_index(self, space: str):
@@ -417,8 +440,12 @@ class Index:
 
     def _hits(self, rows: np.ndarray, sims: np.ndarray) -> list[Hit]:
         keep = rows >= 0
-        return [Hit(rank, float(s), int(r), self.ids[r], self.smiles[r])
-                for rank, (r, s) in enumerate(zip(rows[keep], sims[keep]), 1)]
+        hits, first = [], {}
+        for rank, (r, s) in enumerate(zip(rows[keep], sims[keep]), 1):
+            smiles = self.smiles[r]
+            hits.append(Hit(rank, float(s), int(r), self.ids[r], smiles, first.get(smiles)))
+            first.setdefault(smiles, rank)
+        return hits
 
     def _queries(self, items) -> tuple[list, list, list]:
         """Molecules of the queries, their inputs as given, and the rejects of the others, in input
@@ -512,6 +539,7 @@ def _build(embedder, spaces, source, work: Path, options: IndexOptions, smiles_c
     """Embed, fingerprint and index ``source`` into ``work``; the index.json fields it knows."""
     import faiss
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from flexmol.data.registry import sha256_file
@@ -564,12 +592,15 @@ def _build(embedder, spaces, source, work: Path, options: IndexOptions, smiles_c
                           "build_seconds": round(time.time() - started, 3)}
         del index
         log(f"space {s}: {kind} index built in {meta_spaces[s]['build_seconds']:.1f} s")
+    smiles = pa.array(smiles, pa.string())
+    duplicates = n - pc.count_distinct(smiles).as_py()
     pq.write_table(pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "id": pa.array(ids, pa.string()),
-                             "smiles": pa.array(smiles, pa.string())}), work / LIBRARY)
+                             "smiles": smiles}), work / LIBRARY)
     np.save(work / FINGERPRINTS, np.concatenate(fps), allow_pickle=False)
     files = {name: {"bytes": (work / name).stat().st_size, "sha256": sha256_file(work / name)}
              for name in [m["file"] for m in meta_spaces.values()] + [LIBRARY, FINGERPRINTS]}
-    return {"molecules": n, "rejects": rejected, "kind": "exact" if kind == "flat" else "approx",
+    return {"molecules": n, "rejects": rejected, "duplicate_rows": duplicates,
+            "kind": "exact" if kind == "flat" else "approx",
             "options": asdict(options), "spaces": meta_spaces, "files": files,
             "fingerprints": {"file": FINGERPRINTS, "radius": fingerprints.RADIUS, "bits": fingerprints.BITS}}
 
@@ -625,7 +656,8 @@ def format_text(result: SearchResult, index: Index) -> str:
             blocks.append(("ECFP4 Tanimoto (exact)", q.tanimoto))
         for title, hits in blocks:
             lines.append(f"  {title}")
-            lines += [f"    {h.rank:>3}  {h.similarity:.4f}  {h.id}  {h.smiles}" for h in hits]
+            lines += [f"    {h.rank:>3}  {h.similarity:.4f}  {h.id}  {h.smiles}"
+                      + (f"  (same SMILES as rank {h.duplicate_of})" if h.duplicate_of else "") for h in hits]
     return "\n".join(lines)
 
 
@@ -676,8 +708,9 @@ def format_html(result: SearchResult, index: Index) -> str:
             for _, hits in columns:
                 if rank < len(hits):
                     h = hits[rank]
+                    same = f"<div>same SMILES as rank {h.duplicate_of}</div>" if h.duplicate_of else ""
                     cells.append(f"<td>{_svg(h.smiles)}<div class='sim'>{h.similarity:.3f}</div>"
-                                 f"<div>{e(h.id)}</div><div class='smi'>{e(h.smiles)}</div></td>")
+                                 f"<div>{e(h.id)}</div><div class='smi'>{e(h.smiles)}</div>{same}</td>")
                 else:
                     cells.append("<td></td>")
             parts.append(f"<tr><td>{rank + 1}</td>{''.join(cells)}</tr>")
@@ -738,6 +771,8 @@ def add_parser(sub, _sub) -> None:
     q.add_argument("--space", action="append", help="search only this space (repeat for several; default: all)")
     q.add_argument("--checkpoint", help="the checkpoint, when it is no longer where index.json says (its weights "
                                         "must be the ones the index was built with)")
+    q.add_argument("--verify", action="store_true", help="check every index file's sha256 against index.json "
+                                                         "(reads the whole index once more; sizes are always checked)")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--html", metavar="FILE", help="also write an offline HTML report with the structures drawn")
     q.add_argument("--device", default="cpu", help="where the network runs")
@@ -775,7 +810,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         return _fail("index", exc)
     m = index.meta
     kinds = sorted({s["index"] for s in m["spaces"].values()})
-    print(f"{m['molecules']:,} molecules indexed ({m['rejects']:,} rejected, reasons in {index.path / REJECTS}) "
+    print(f"{m['molecules']:,} molecules indexed ({m['rejects']:,} rejected, reasons in {index.path / REJECTS}; "
+          f"{m['duplicate_rows']:,} rows with an earlier row's SMILES) "
           f"in {m['build_seconds']:.1f} s: spaces {', '.join(index.spaces)} ({'/'.join(kinds)}, "
           f"{next(iter(m['spaces'].values()))['dim']} dimensions) -> {index.path}")
     return 0
@@ -789,7 +825,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise RetrieveError(f"--k {args.k}: must be at least 1")
         html_out = _output_file(args.html, "--html") if args.html else None
         _threads(args.threads)
-        index = Index.load(args.index, args.checkpoint, device=args.device)
+        index = Index.load(args.index, args.checkpoint, device=args.device, verify=args.verify)
         result = index.search(args.smiles, args.k, args.space)
     except ConfigError as exc:
         return _fail("query", exc)
