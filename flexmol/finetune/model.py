@@ -117,7 +117,8 @@ def load_task_model(directory, checkpoint) -> tuple[TaskModel, dict]:
                           "or model.safetensors, as flexmol finetune writes under runs/MODEL/seedN/model)")
     try:
         meta = json.loads(meta_file.read_text())
-        if not isinstance(meta.get("targets"), list) or meta.get("task") not in ("classification", "regression"):
+        if not isinstance(meta, dict) or not isinstance(meta.get("targets"), list) \
+                or meta.get("task") not in ("classification", "regression"):
             raise ValueError("no targets list or task")
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{meta_file}: not a readable task description ({exc})") from None
@@ -136,9 +137,10 @@ def load_task_model(directory, checkpoint) -> tuple[TaskModel, dict]:
             raise ConfigError(f"{directory}: adapter/ without head.safetensors")
         head_state = read(head_file)
         prefix = ""
+        pretrained = load_pretrained(export)
         try:
-            body = PeftModel.from_pretrained(load_pretrained(export), str(adapter))
-        except (ValueError, RuntimeError, KeyError, OSError) as exc:
+            body = PeftModel.from_pretrained(pretrained, str(adapter))
+        except Exception as exc:  # noqa: BLE001 -- peft, huggingface_hub and safetensors raise errors of no common type
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"{adapter}: the adapters do not load onto {export} ({first})") from None
         base = body.get_base_model()
