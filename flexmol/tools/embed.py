@@ -69,7 +69,7 @@ def add_parser(sub, _sub) -> None:
     p.add_argument("--limit", type=int, help="embed only the first N inputs")
     p.add_argument("--batch-size", type=int, default=256, help="molecules per batch at most")
     p.add_argument("--max-atoms", type=int, default=8192, help="padded atoms per batch at most")
-    p.add_argument("--workers", type=int, default=0, help="featurising processes (default 0: every core)")
+    p.add_argument("--workers", type=int, default=0, help="featurising processes (0: every core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
