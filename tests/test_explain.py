@@ -18,6 +18,7 @@ import explain_faithfulness as faith  # noqa: E402
 
 TINY = ModelConfig(dim=32, heads=4, layers=2, decoder_layers=1, mm_layers=1, ffn_mult=2, num_kernels=8, proj_dim=16)
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
+HARD_FLOOR = 0.6  # measured: see test_gradient_importance_ranks_the_acid_atoms_first
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,19 @@ def parsed(nci_smi):
 @pytest.fixture(scope="module")
 def faithfulness(nci_smi, tmp_path_factory):
     """The protocol of benchmarks/explain_faithfulness.py at a small size, seed 0: a tiny model
-    fully fine-tuned on "contains a carboxylic acid" (molecules of the first 1,500 lines)."""
+    fully fine-tuned for 8 epochs in batches of 16 on "contains a carboxylic acid" (molecules of the
+    first 1,500 lines), explained with 8 integrated-gradients points (not the 32 completeness
+    needs: a cheaper test)."""
     work = tmp_path_factory.mktemp("faithfulness")
-    result = faith.run_protocol(nci_smi, work, 0, lines=1500, steps=8)
+    result = faith.run_protocol(nci_smi, work, 0, stop=1500, steps=8,
+                                train={"epochs": 8, "patience": 8, "batch_size": 16})
     return result, work
+
+
+def _task_model(work):
+    from flexmol.finetune.model import load_task_model
+
+    return load_task_model(work / "finetune" / "runs" / "flexmol" / "seed0" / "model", work / "export")
 
 
 # --------------------------------------------------------------------------- attention capture
@@ -185,19 +195,74 @@ def test_load_task_model_refuses_what_is_not_a_task_model(export, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="model.safetensors: not a readable safetensors file"):
         load_task_model(tmp_path, export)
+    (tmp_path / "task.json").write_text("[]")
+    with pytest.raises(ConfigError, match="task.json: not a readable task description"):
+        load_task_model(tmp_path, export)
+    from flexmol import load_pretrained
+    from flexmol.finetune.model import build_task_model, save_task_model
+
+    lora = tmp_path / "lora"
+    save_task_model(build_task_model(load_pretrained(export), 1, lora=True, r=2, alpha=2), lora,
+                    {"targets": ["y"], "task": "classification", "mode": "2d"})
+    (lora / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="adapter: the adapters do not load"):
+        load_task_model(lora, export)
 
 
 # ---------------------------------------------------------------------------------- faithfulness
 
 def test_gradient_importance_ranks_the_acid_atoms_first(faithfulness):
+    """What is asserted, on the held-out acids of seed 0 (lines 0-1,500): the model learnt the task
+    (classification ROC-AUC >= 0.9); integrated gradients rank the acid's atoms first (atom-level
+    ROC-AUC >= 0.9) with the sign of the prediction. A model-free rule (oxygens among an atom and
+    its neighbours) also ranks them high (0.96 here), so a figure it cannot reach is asserted too:
+    against look-alike atoms only (oxygens outside the acid, atoms bonded to an oxygen) the trained
+    model's AUC is at least HARD_FLOOR and above the rule's.
+
+    Measured at these settings on other molecules (lines 1,500-3,000), seeds 0, 1, 2:
+    classification 0.96, 0.98, 0.94; atom AUC 0.97, 0.95, 0.78; look-alike AUC 0.83, 0.83, 0.64
+    (rule 0.63, 0.63, 0.62). So the >= 0.9 atom AUC is this seed's figure, not every seed's (one
+    seed in three fell to 0.78 with the task learnt), and the margin over the rule is narrow on
+    some seeds (0.70 against 0.62 here). The same attribution on the untrained model (the
+    fine-tuning's starting point) is printed, not asserted on: its figures follow the random
+    head's sign (atom AUC 0.42, 0.77, 0.19 on those seeds; look-alike AUC 0.64 here, against 0.70)."""
     result, _ = faithfulness
     print(f"\nfaithfulness (seed 0, {result['held_out_acids']} held-out acids): held-out ROC-AUC "
           f"{result['held_out_roc_auc']:.3f}; atom-level ROC-AUC integrated gradients "
-          f"{result['gradient_atom_auc']:.3f}, "
-          f"attention {result['attention_atom_auc']:.3f}")
+          f"{result['gradient_atom_auc']:.3f} (look-alikes {result['gradient_hard_auc']:.3f}), untrained "
+          f"{result['control_atom_auc']:.3f} ({result['control_hard_auc']:.3f}), rule {result['rule_atom_auc']:.3f} "
+          f"({result['rule_hard_auc']:.3f}), attention {result['attention_atom_auc']:.3f}")
     assert result["held_out_roc_auc"] >= 0.9  # the model learnt the task
     assert result["gradient_atom_auc"] >= 0.9
     assert result["acid_raises"] >= 0.9  # positive importance: raises the prediction
+    assert result["gradient_hard_auc"] >= HARD_FLOOR
+    assert result["gradient_hard_auc"] > result["rule_hard_auc"]
+
+
+def test_gradient_attributions_add_up_to_the_change_from_the_masked_molecule(faithfulness, export, parsed):
+    """Completeness at the default number of points: every atom's and pair's attribution sums to
+    the output minus the output of the masked molecule (every atom the mask token), within 5%, for
+    the fine-tuned model and for an untrained one."""
+    from flexmol import load_pretrained
+    from flexmol.finetune.model import build_task_model
+    from flexmol.tools.explain import STEPS, gradient_importance, parse
+
+    _, work = faithfulness
+    trained, _ = _task_model(work)
+    torch.manual_seed(0)
+    untrained = build_task_model(load_pretrained(export), 1, lora=False).eval()
+    with torch.no_grad():  # a head whose output varies enough to test
+        for p in untrained.head.parameters():
+            p.normal_(0, 0.5)
+    molecules = parse([ASPIRIN, "OC(=O)CCCN", "c1ccccc1N"])[0] + list(parsed[:5])
+    for model in (trained, untrained):
+        result, output = gradient_importance(model, molecules, steps=STEPS)
+        for r, y in zip(result, output):
+            c = r["completeness"]
+            change = c["output"] - c["baseline_output"]
+            assert c["output"] == pytest.approx(float(y))
+            assert abs(change) > 0.05  # the masked molecule is not the molecule
+            assert c["attribution_sum"] == pytest.approx(change, rel=0.05)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -216,6 +281,7 @@ def test_explain_cli_writes_an_offline_report_pictures_and_numbers(faithfulness,
     page = out.read_text()
     assert "http://" not in page and "https://" not in page
     assert page.count("<svg") >= 4 and "carboxylic acid" in page and "does not parse" in page
+    assert page.count("masked molecule") >= 3  # the method's text and each molecule's completeness line
     files = out.with_name("report_files")
     for index in (0, 2):
         for method in ("attention", "gradient"):
@@ -229,6 +295,8 @@ def test_explain_cli_writes_an_offline_report_pictures_and_numbers(faithfulness,
     for method in ("attention", "gradient"):
         values = aspirin["methods"][method]["atom_importance"]
         assert len(values) == len(aspirin["atoms"]) and max(abs(v) for v in values) == pytest.approx(1)
+    c = aspirin["methods"]["gradient"]["completeness"]
+    assert c["attribution_sum"] == pytest.approx(c["output"] - c["baseline_output"], rel=0.05)
 
 
 def test_explain_cli_refuses_gradient_without_a_task_model(export, tmp_path, capsys):

@@ -10,9 +10,11 @@ Two kinds of atom and bond importance, each normalised per molecule to [-1, 1]:
 - ``gradient`` (a fine-tuned task model, whose prediction of one task is explained): integrated
   gradients of the task's output (the logit for classification) with respect to the atoms' 2D
   input embeddings (an atom's importance is the sum over channels) and the bonded pairs' 2D pair
-  inputs (a bond's importance sums both directions and the heads), from a zero baseline (see
-  :func:`gradient_importance`). Signed: positive pushes the prediction up (towards the positive
-  class); divided by the molecule's largest absolute value.
+  inputs (a bond's importance sums both directions and the heads), from the masked molecule
+  (every atom's input the mask token, every pair input zero; see :func:`gradient_importance`).
+  Signed: positive pushes the prediction up (towards the positive class); divided by the
+  molecule's largest absolute value. The attributions of all atoms and pairs add up to the output
+  minus the masked molecule's output (completeness, reported in the JSON).
 
 Functional groups are RDKit's fragment patterns (``FragmentDescriptors.csv`` of RDKit's data
 directory, the ``fr_*`` descriptors), named as RDKit describes them. Each atom is counted in one
@@ -35,6 +37,9 @@ import torch
 from flexmol.config import ConfigError
 
 METHODS = ("attention", "gradient")
+# Points on the integrated-gradients path: enough that the attributions add up to the output's
+# change within a few percent (see :func:`gradient_importance`).
+STEPS = 32
 # RDKit's fr_* descriptors that count sites or generic atom classes rather than functional groups
 # (metabolic sites, amine classes that match any nitrogen, ring-system topology), or narrower
 # variants of another pattern's atoms: not named as groups.
@@ -162,40 +167,58 @@ def attention_importance(model: torch.nn.Module, parsed: Sequence[Parsed], devic
 
 
 def gradient_importance(task_model: torch.nn.Module, parsed: Sequence[Parsed], task: int = 0, device="cpu",
-                        steps: int = 16) -> tuple[list[dict], np.ndarray]:
-    """Per molecule ``{"atoms", "bonds", "raw_atoms", "raw_bonds"}`` of the gradient method for
-    output ``task`` of ``task_model`` (a logit for classification), and that output [B].
+                        steps: int = STEPS) -> tuple[list[dict], np.ndarray]:
+    """Per molecule ``{"atoms", "bonds", "raw_atoms", "raw_bonds", "completeness"}`` of the gradient
+    method for output ``task`` of ``task_model`` (a logit for classification), and that output [B].
 
-    Integrated gradients (Sundararajan et al., 2017): the atoms' 2D input embeddings x [B, N, d] and
-    the 2D pair inputs P [B, N, N, H] are scaled together from zero (the baseline) to their values,
-    and the gradients of the output at ``steps`` points of that path (midpoints) are averaged and
-    multiplied by the inputs. An atom's importance sums its channels; a bond's sums its pair's
-    two directions and the heads. The attributions of every atom and pair add up to the output
-    minus the output at the baseline (up to the path's discretisation). Plain gradient x input
-    (``steps`` = 1 at the input itself) is not used: the encoder's pre-layer norms make the output
-    nearly invariant to an atom input's scale, so its gradient x input measures little.
-    ``atoms``/``bonds`` are divided by the molecule's largest absolute value (signs kept); ``raw_*``
-    are the attributions themselves.
+    Integrated gradients (Sundararajan et al., 2017) from the masked molecule: the baseline has
+    every atom's 2D input embedding replaced by the encoder's mask token (what pre-training's
+    ``atom_masked`` gives: an atom whose every feature is hidden) and every 2D pair input at zero
+    (no distance, no bond). The atom inputs x [B, N, d] and the pair inputs P [B, N, N, H] move
+    together on the straight path from the baseline to their values; the gradients of the output
+    at ``steps`` points of that path (midpoints) are averaged and multiplied by the path's direction
+    (input minus baseline). An atom's importance sums its channels; a bond's sums its pair's two
+    directions and the heads. Completeness holds: the attributions of every atom and every pair
+    add up to the output minus the output at the baseline, up to the path's discretisation;
+    ``completeness`` = ``{"output", "baseline_output", "attribution_sum"}`` says how well. (A zero
+    atom baseline is not used: the encoder's pre-layer norms make the output jump within the first
+    percent of a path from zero, between any affordable points, so completeness fails there. Plain
+    gradient x input is not used either: the pre-layer norms make the output nearly invariant to an
+    atom input's scale, so it measures little.) ``atoms``/``bonds`` are divided by the molecule's
+    largest absolute value (signs kept); ``raw_*`` are the attributions themselves.
     """
     backbone = backbone_of(task_model)
     batch = _batch(parsed, backbone, device)
-    inputs: dict[str, torch.Tensor] = {}  # the inputs themselves
-    points: dict[str, torch.Tensor] = {}  # the inputs scaled to the current point of the path
+    mask = batch["mask"]
+    atom_input = _part(backbone, "atom_2d", "the 2D atom input")
+    mask_token = getattr(atom_input, "mask_token", None)
+    if mask_token is None:
+        raise ExplainError(f"the 2D atom input of the {type(backbone).__name__} network has no mask token; "
+                           "the gradient method's baseline is the masked molecule")
+    deltas: dict[str, torch.Tensor] = {}  # input minus baseline
+    points: dict[str, torch.Tensor] = {}  # the current point of the path
     alpha = {"value": 1.0}
 
-    def scaled(name):
+    def on_path(name, baseline):
         def hook(module, args, output):
-            inputs[name] = output.detach()
-            points[name] = (output.detach() * alpha["value"]).requires_grad_(True)
+            base = baseline(output.detach())
+            deltas[name] = output.detach() - base
+            points[name] = (base + alpha["value"] * deltas[name]).requires_grad_(True)
             return points[name]
         return hook
 
-    handles = [_part(backbone, "atom_2d", "the 2D atom input").register_forward_hook(scaled("x")),
-               _part(backbone, "pair_2d", "the 2D pair input").register_forward_hook(scaled("P"))]
+    # padding atoms and pairs keep their values: their differences, and attributions, are zero
+    atom_base = lambda x: torch.where(mask.unsqueeze(-1), mask_token.detach().to(x.dtype), x)  # noqa: E731
+    pair_mask = (mask.unsqueeze(2) & mask.unsqueeze(1)).unsqueeze(-1)
+    pair_base = lambda p: torch.where(pair_mask, torch.zeros_like(p), p)  # noqa: E731
+    handles = [atom_input.register_forward_hook(on_path("x", atom_base)),
+               _part(backbone, "pair_2d", "the 2D pair input").register_forward_hook(on_path("P", pair_base))]
     grad_x = grad_p = None
     try:
         with torch.no_grad():
             output = task_model(batch)[:, task].float()
+            alpha["value"] = 0.0
+            baseline_output = task_model(batch)[:, task].float()
         with torch.enable_grad():
             for k in range(steps):
                 alpha["value"] = (k + 0.5) / steps
@@ -206,18 +229,22 @@ def gradient_importance(task_model: torch.nn.Module, parsed: Sequence[Parsed], t
     finally:
         for handle in handles:
             handle.remove()
-    # the mean gradient along the path, times the input (the path's direction)
-    atom_attr = (grad_x / steps * inputs["x"]).sum(-1).float().cpu().numpy()  # [B, N]
-    pair_attr = (grad_p / steps * inputs["P"]).sum(-1).float().cpu().numpy()  # [B, N, N]
+    # the mean gradient along the path, times the path's direction
+    atom_attr = (grad_x / steps * deltas["x"]).sum(-1).float().cpu().numpy()  # [B, N]
+    pair_attr = (grad_p / steps * deltas["P"]).sum(-1).float().cpu().numpy()  # [B, N, N]
+    output, baseline_output = output.cpu().numpy(), baseline_output.cpu().numpy()
     out = []
     for b, p in enumerate(parsed):
         n = p.mol.GetNumAtoms()
         pairs = bonds_of(p.mol)
         atoms = atom_attr[b, :n]
         bonds = pair_attr[b, pairs[:, 0], pairs[:, 1]] + pair_attr[b, pairs[:, 1], pairs[:, 0]]
+        total = float(atoms.sum(dtype=np.float64) + pair_attr[b, :n, :n].sum(dtype=np.float64))
         out.append({"atoms": maxabs(atoms), "bonds": maxabs(bonds), "raw_atoms": atoms.astype(np.float32),
-                    "raw_bonds": bonds.astype(np.float32)})
-    return out, output.cpu().numpy()
+                    "raw_bonds": bonds.astype(np.float32),
+                    "completeness": {"output": float(output[b]), "baseline_output": float(baseline_output[b]),
+                                     "attribution_sum": total}})
+    return out, output
 
 
 # ------------------------------------------------------------------------------ functional groups
@@ -283,7 +310,8 @@ class Explanation:
     input: str
     smiles: str  # canonical
     mol: object
-    methods: dict = field(default_factory=dict)  # method -> {"atoms", "bonds", "raw_atoms", "raw_bonds", "groups"}
+    # method -> {"atoms", "bonds", "raw_atoms", "raw_bonds", "groups"} (+ "completeness" for the gradient)
+    methods: dict = field(default_factory=dict)
     prediction: Optional[dict] = None  # {"task", "kind", "value"}
 
     def to_json(self) -> dict:
@@ -293,13 +321,15 @@ class Explanation:
             "atoms": [a.GetSymbol() for a in self.mol.GetAtoms()], "bonds": bonds, "prediction": self.prediction,
             "methods": {m: {"atom_importance": r["atoms"].tolist(), "bond_importance": r["bonds"].tolist(),
                             "atom_raw": r["raw_atoms"].tolist(), "bond_raw": r["raw_bonds"].tolist(),
-                            "groups": r["groups"]} for m, r in self.methods.items()},
+                            "groups": r["groups"],
+                            **({"completeness": r["completeness"]} if "completeness" in r else {})}
+                        for m, r in self.methods.items()},
         }
 
 
 def explain(parsed: Sequence[Parsed], *, backbone=None, task_model=None, task_meta: Optional[dict] = None,
             task: Optional[str] = None, methods: Sequence[str] = ("attention",), device="cpu",
-            batch_size: int = 32, steps: int = 16) -> list[Explanation]:
+            batch_size: int = 32, steps: int = STEPS) -> list[Explanation]:
     """Explanations of ``parsed`` molecules by ``methods``. The attention method reads
     ``task_model``'s backbone when given, else ``backbone``; the gradient method needs
     ``task_model`` (with its ``task.json`` as ``task_meta``) and explains target ``task`` (by name;
@@ -367,7 +397,8 @@ METHOD_TEXT = {
                   "2D encoder attention averaged over heads and layers, restricted to bonded pairs; atom = row "
                   "sum, bond = its pair's mean; min-max scaled to [-1, 1] per molecule"),
     "gradient": ("integrated gradients", "lowers the prediction", "raises the prediction",
-                 "integrated gradients of the task's output (the logit for classification) from a zero baseline, "
+                 "integrated gradients of the task's output (the logit for classification) from the masked "
+                 "molecule (every atom the mask token, every pair input zero), "
                  "on the atoms' 2D input embeddings (bonds: on their 2D pair inputs); divided by the largest "
                  "absolute value per molecule"),
 }
@@ -443,7 +474,11 @@ def render_html(explanations: Sequence[Explanation], rejects: Sequence[dict], sv
             covered = sum(g["share"] for g in r["groups"])
             rows += f"<tr><td><i>atoms in no group</i></td><td></td><td></td><td>{1 - covered:.1%}</td><td></td></tr>" \
                 if r["groups"] else ""
-            parts.append(f'<div class="pic"><h3>{esc(METHOD_TEXT[m][0])}</h3>{inline_svg(svgs[(e.index, m)])}'
+            c = r.get("completeness")
+            check = (f"<p>output {c['output']:.3f}, masked molecule {c['baseline_output']:.3f}: attributions sum to "
+                     f"{c['attribution_sum']:.3f} (should be {c['output'] - c['baseline_output']:.3f})</p>"
+                     ) if c else ""
+            parts.append(f'<div class="pic"><h3>{esc(METHOD_TEXT[m][0])}</h3>{inline_svg(svgs[(e.index, m)])}{check}'
                          "<table><tr><th>functional group</th><th>RDKit</th><th>atoms</th><th>share of |importance|"
                          f"</th><th>mean</th></tr>{rows or '<tr><td colspan=5>none found</td></tr>'}</table></div>")
         parts.append("</div></div>")
@@ -485,8 +520,9 @@ def add_parser(sub, _sub) -> None:
                                   "to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="molecules per forward pass (default: 32)")
-    p.add_argument("--steps", type=int, default=16,
-                   help="points on the integrated-gradients path of the gradient method (default: 16)")
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help="points on the integrated-gradients path of the gradient method, from the masked molecule "
+                        f"(every atom the mask token, every pair input zero) to the input (default: {STEPS})")
     p.set_defaults(func=cmd_explain)
 
 
