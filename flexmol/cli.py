@@ -209,14 +209,37 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return run(args, args.overrides)
 
 
+def cmd_finetune_confgen(args: argparse.Namespace) -> int:
+    from flexmol.finetune.confgen_train import run
+
+    return run(args, args.overrides)
+
+
 def _confgen_config(args):
+    """The :class:`ConfgenConfig` of ``flexmol confgen`` / ``evaluate confgen``'s flags; unset
+    ``--num-confs`` stays None (the command decides: two per reference, or two per molecule)."""
     from flexmol.evaluate.confgen import ConfgenConfig
 
-    if args.num_confs < 1:
+    if args.num_confs is not None and args.num_confs < 1:
         raise ConfigError(f"--num-confs must be at least 1 (got {args.num_confs})")
-    if args.refine_steps < 0:
+    if args.refine_steps is not None and args.refine_steps < 0:
         raise ConfigError(f"--refine-steps must be at least 0 (got {args.refine_steps})")
-    return ConfgenConfig(num_confs=args.num_confs, seed=args.seed, mmff=args.mmff, refine_steps=args.refine_steps)
+    return ConfgenConfig(num_confs=args.num_confs, seed=args.seed, mmff=args.mmff,
+                         refine_steps=1 if args.refine_steps is None else args.refine_steps)
+
+
+def _load_task_model(path, flag: str):
+    """The conformer task model in ``path`` (a :class:`~flexmol.evaluate.confgen.TaskModel`), or a
+    one-line :class:`ConfigError` naming ``flag`` and what is wrong (whatever the files hold)."""
+    from flexmol.evaluate.confgen import load_task_model
+
+    try:
+        return load_task_model(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag} {exc}" if str(exc).startswith(str(path)) else f"{flag} {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- whatever the files hold: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{flag} {path} does not load: {first}") from None
 
 
 def _load_model(checkpoint):
@@ -282,71 +305,126 @@ def _readable_dataset(directory: str, flag: str) -> None:
 
 
 def _confgen_inputs(args) -> list:
-    """The molecules to embed: ``--smiles`` strings, then every record of ``--input`` (any file
-    the featuriser reads: .smi, .csv/.tsv with a SMILES column, .sdf; optionally .gz), each
-    with its id so that a rejection names it."""
+    """The molecules to embed: the positional SMILES|FILE (an existing file is read as --input
+    is, anything else is a SMILES), ``--smiles`` strings, then every record of ``--input`` (any file
+    the featuriser reads: .smi, .csv/.tsv with a SMILES column, .sdf; optionally .gz), each with its
+    id so that a rejection names it."""
     from flexmol.chem.featurizer import RawInput
 
-    inputs = [RawInput(i, f"smiles{i + 1}", "smiles", s) for i, s in enumerate(args.smiles or [])]
-    if args.input:
+    smiles, files = list(args.smiles or []), [(f, "--input") for f in [args.input] if f]
+    if args.molecules:
+        if Path(args.molecules).is_file():
+            files.insert(0, (args.molecules, "SMILES|FILE"))
+        else:
+            smiles.insert(0, args.molecules)
+    inputs = [RawInput(i, f"smiles{i + 1}", "smiles", s) for i, s in enumerate(smiles)]
+    for file, flag in files:
         from flexmol.config import SourceOptions
         from flexmol.data.sources import SourceError, open_source
 
-        path = Path(args.input)
+        path = Path(file)
         if path.is_dir() or not path.exists():
-            raise ConfigError(f"--input {path}: {'is a directory' if path.is_dir() else 'no such file'}")
+            raise ConfigError(f"{flag} {path}: {'is a directory' if path.is_dir() else 'no such file'}")
         try:
             source = open_source(str(path), SourceOptions(smiles_column=args.smiles_column))
             if not source.has_graph():
-                raise ConfigError(f"--input {path}: XYZ frames have no bonds to embed from; give SMILES or SDF")
+                raise ConfigError(f"{flag} {path}: XYZ frames have no bonds to embed from; give SMILES or SDF")
             start = len(inputs)
             inputs += [dataclasses.replace(r, index=start + k) for k, r in enumerate(source)]
         except SourceError as exc:
-            raise ConfigError(f"--input: {exc}") from None
+            raise ConfigError(f"{flag}: {exc}") from None
         except UnicodeError as exc:
-            raise ConfigError(f"--input {path}: not a text file ({exc.reason})") from None
+            raise ConfigError(f"{flag} {path}: not a text file ({exc.reason})") from None
     if not inputs:
-        raise ConfigError("no molecules: give --smiles S [S ...] or --input FILE (.smi, .csv, .sdf)")
+        raise ConfigError("no molecules: give SMILES|FILE, --smiles S [S ...] or --input FILE (.smi, .csv, .sdf)")
     return inputs
 
 
+def _confgen_models(args, cfg):
+    """(pre-trained model, task model, method) of ``flexmol confgen``: ``--checkpoint`` is a
+    conformer task model (its ``task.json``) or a pre-trained export; ``--method`` defaults to what
+    the checkpoint serves. Flags the chosen method cannot honour are refused in one line."""
+    from flexmol.finetune.confgen import is_conformer_model
+
+    task = model = None
+    if args.checkpoint and is_conformer_model(args.checkpoint):
+        task = _load_task_model(args.checkpoint, "--checkpoint")
+    elif args.checkpoint:
+        model = _load_model(args.checkpoint)
+    method = args.method or ("finetuned" if task else "flexmol" if model else "etkdg_mmff" if cfg.mmff else "etkdg")
+    if method in ("finetuned", "two_d_only") and task is None:
+        raise ConfigError(f"--method {method}: needs --checkpoint to be a conformer task model "
+                          "(flexmol finetune-confgen's output)")
+    if method == "flexmol" and model is None:
+        raise ConfigError("--method flexmol: needs --checkpoint to be a pre-trained export")
+    if task is not None:
+        if args.refine_steps is not None:
+            raise ConfigError(f"--refine-steps: a conformer task model refines with its own passes "
+                              f"({task.meta['passes']}, in its task.json)")
+        if args.mmff and not task.mmff:
+            raise ConfigError("--mmff: this conformer task model was fine-tuned on ETKDG conformers without MMFF "
+                              "(its task.json); its inputs follow its training")
+        cfg.mmff = task.mmff
+    if method == "two_d_only":
+        if (args.num_confs or 1) > 1:
+            raise ConfigError(f"--num-confs {args.num_confs}: the 2D-only path is deterministic and gives one "
+                              "conformer per molecule")
+        cfg.num_confs = 1
+    elif cfg.num_confs is None:
+        cfg.num_confs = 2
+    return model, task, method
+
+
 def cmd_confgen(args: argparse.Namespace) -> int:
+    import json
+
     from flexmol.evaluate.confgen import generate
 
     try:
         cfg = _confgen_config(args)
         out = _output_file(args.out, "--out")
+        rejects_file = _output_file(args.rejects or str(out.with_suffix(".rejects.jsonl")), "--rejects")
         inputs = _confgen_inputs(args)
-        model = _load_model(args.checkpoint)
+        model, task, method = _confgen_models(args, cfg)
     except ConfigError as exc:
         print(f"flexmol confgen: {exc}", file=sys.stderr)
         return 2
     from rdkit import Chem
 
-    method = "flexmol" if model is not None else "etkdg"
+    checkpoint = str(args.checkpoint) if args.checkpoint else "none"
     ok = failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with Chem.SDWriter(str(out)) as writer:
-        for raw, mol, why in generate(inputs, cfg, model):
+    rejects_file.parent.mkdir(parents=True, exist_ok=True)
+    with Chem.SDWriter(str(out)) as writer, open(rejects_file, "w") as rejects:
+        for raw, mol, why in generate(inputs, cfg, model, task, method):
             if mol is None:
                 failed += 1
                 print(f"flexmol confgen: {raw.id!r} ({raw.text[:80]!r}) rejected: {why}", file=sys.stderr)
+                code, _, reason = why.partition(": ")
+                rejects.write(json.dumps({"index": raw.index, "id": raw.id, "input": raw.text[:200], "code": code,
+                                          "reason": reason}) + "\n")
                 continue
-            mol_h = Chem.AddHs(mol, addCoords=True)
-            mol_h.SetProp("_Name", raw.id)
-            mol_h.SetProp("smiles", Chem.MolToSmiles(mol))
-            mol_h.SetProp("method", method)
-            for conf in mol_h.GetConformers():
-                writer.write(mol_h, confId=conf.GetId())
+            smiles = Chem.MolToSmiles(mol)
+            written = mol if args.no_hydrogens else Chem.AddHs(mol, addCoords=True)
+            props = {"_Name": raw.id, "id": raw.id, "input": raw.text if raw.kind == "smiles" else smiles,
+                     "smiles": smiles, "inchikey": mol.GetProp("inchikey"), "method": method,
+                     "checkpoint": checkpoint, "base_seed": str(cfg.seed),
+                     "seed": str(mol.GetIntProp("seed")) if mol.HasProp("seed") else "none"}
+            for k, v in props.items():
+                written.SetProp(k, v)
+            for i, conf in enumerate(written.GetConformers()):
+                written.SetIntProp("conformer", i)
+                writer.write(written, confId=conf.GetId())
             ok += 1
-    print(f"{ok} molecules x {cfg.num_confs} conformers ({method}) -> {out}; {failed} rejected")
+    print(f"{ok} molecules x {cfg.num_confs} conformers ({method}) -> {out}; {failed} rejected"
+          + (f" (reasons in {rejects_file})" if failed else ""))
     return 0 if ok else 1
 
 
 def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
     import json
 
-    from flexmol.evaluate.confgen import evaluate_qm9
+    from flexmol.evaluate.confgen import evaluate_qm9, evaluate_sdf
 
     def fail(why) -> int:
         print(f"flexmol evaluate confgen: {why}", file=sys.stderr)
@@ -354,32 +432,60 @@ def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
 
     try:
         cfg = _confgen_config(args)
-        for flag, value, least in (("--count", args.count, 1), ("--start", args.start, 0), ("--stride", args.stride, 1)):
+        if args.references and (args.start is not None or args.stride is not None):
+            raise ConfigError(f"{'--start' if args.start is not None else '--stride'}: QM9 rows only; "
+                              "--references scores every molecule of its SDF")
+        start = 100000 if args.start is None else args.start
+        stride = 130 if args.stride is None else args.stride
+        for flag, value, least in (("--count", args.count, 1), ("--start", start, 0), ("--stride", stride, 1)):
             if value < least:
                 raise ConfigError(f"{flag} must be at least {least} (got {value})")
+        if args.references and not Path(args.references).is_file():
+            raise ConfigError(f"--references {args.references}: no such file")
         for d in args.exclude_shards:
             _readable_dataset(d, "--exclude-shards")
         out = _output_dir(args.out, "--out")
+        from flexmol.finetune.confgen import is_conformer_model
+
+        if args.checkpoint and is_conformer_model(args.checkpoint):
+            raise ConfigError(f"--checkpoint {args.checkpoint}: a conformer task model; give it as --task-model "
+                              "(--checkpoint is the pre-trained export whose coordinate head is the 'flexmol' row)")
         model = _load_model(args.checkpoint)
-        res = evaluate_qm9(cfg, model, count=args.count, start=args.start, stride=args.stride,
-                           exclude=args.exclude_shards,
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
+        task = _load_task_model(args.task_model, "--task-model") if args.task_model else None
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if args.references:
+            res = evaluate_sdf(args.references, cfg, model, task, count=args.count, exclude=args.exclude_shards,
+                               log=log)
+        else:
+            res = evaluate_qm9(cfg, model, task, count=args.count, start=start, stride=stride,
+                               exclude=args.exclude_shards, log=log)
     except (ConfigError, ValueError, OSError) as exc:
         return fail(exc)
-    if not res["scores"]["etkdg"]["molecules"]:
-        return fail(f"no held-out molecule to score from row {res['start_row']} every {res['stride']} "
-                    f"({res['skipped_seen_in_pretraining_or_duplicate']} seen or duplicate, "
-                    f"{len(res['rejected'])} rejected); QM9 has about 134k rows")
+    skipped = res["skipped"]
+    held = (f"{skipped['seen_in_pretraining']} seen in pre-training, {skipped['seen_in_finetuning']} in fine-tuning, "
+            f"{skipped['duplicate']} duplicate skipped; {len(res['rejected'])} rejected")
+    if not res["molecules"]:
+        where = f"from row {start} every {stride}" if not args.references else f"in {args.references}"
+        first = res["rejected"][0] if res["rejected"] else None
+        return fail(f"no held-out molecule to score {where} ({held})"
+                    + (f"; first rejection: {first['id']!r}: {first['reason']}" if first else "")
+                    + ("; QM9 has about 134k rows" if not args.references else ""))
+    res.update({"checkpoint": args.checkpoint, "task_model": args.task_model,
+                "task": {k: task.meta.get(k) for k in ("checkpoint", "passes", "input", "data", "counts", "train")}
+                if task else None})
     out.mkdir(parents=True, exist_ok=True)
     (out / "confgen.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"QM9 conformation generation: {res['scores']['etkdg']['molecules']} held-out molecules from row "
-          f"{res['start_row']} every {res['stride']}, {res['num_confs']} conformers each, delta {res['delta']} A "
-          f"({res['skipped_seen_in_pretraining_or_duplicate']} skipped as seen or duplicate, "
-          f"{len(res['rejected'])} rejected)")
-    print(f"{'method':<8} {'COV mean':>9} {'COV median':>11} {'MAT mean':>9} {'MAT median':>11}")
+    k = res["num_confs"]
+    print(f"Conformation generation against {res['reference']}: {len(res['molecules'])} held-out molecules"
+          + (f" from row {start} every {stride}" if not args.references else "")
+          + f", {k} generated conformers each, delta {res['delta']} A, seed {res['seed']} ({held})")
+    print(f"held out: {res['held_out']}")
+    print(f"note: {res['note']}")
+    print(f"{'method':<11} {'confs':>5} {'COV mean':>9} {'COV median':>11} {'MAT mean':>9} {'MAT median':>11} "
+          f"{'seconds':>8}")
     for name, s in res["scores"].items():
-        print(f"{name:<8} {s['cov_mean']:>9.3f} {s['cov_median']:>11.3f} "
-              f"{s['mat_mean']:>9.3f} {s['mat_median']:>11.3f}")
+        print(f"{name:<11} {s['conformers_mean']:>5.1f} {s['cov_mean']:>9.3f} {s['cov_median']:>11.3f} "
+              f"{s['mat_mean']:>9.3f} {s['mat_median']:>11.3f} {res['seconds'][name]:>8.1f}")
     print(f"details: {out / 'confgen.json'}")
     return 0
 
@@ -430,12 +536,12 @@ def cmd_evaluate_alignment(args: argparse.Namespace) -> int:
 
 
 def _confgen_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="pre-trained export (or a pre-training output_dir holding export/): refine "
-                                        "the ETKDG conformers with its coordinate head; without it, plain ETKDG")
-    p.add_argument("--num-confs", type=int, default=2, help="conformers per molecule")
-    p.add_argument("--refine-steps", type=int, default=1, help="coordinate-head passes (0: none)")
-    p.add_argument("--mmff", action="store_true", help="MMFF-optimise the ETKDG conformers first")
-    p.add_argument("--seed", type=int, default=0, help="ETKDG random seed")
+    p.add_argument("--refine-steps", type=int, help="coordinate-head passes of a pre-trained --checkpoint "
+                                                    "(0: none; default 1; a conformer task model uses its own)")
+    p.add_argument("--mmff", action="store_true", help="MMFF-optimise the ETKDG conformers before a pre-trained "
+                                                       "model's refinement (a conformer task model follows its "
+                                                       "training)")
+    p.add_argument("--seed", type=int, default=0, help="ETKDG random seed (per molecule: with its InChIKey)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -495,30 +601,61 @@ def build_parser() -> argparse.ArgumentParser:
                   "validation.every=50 deepspeed=zero3.")
     pre.set_defaults(func=cmd_pretrain)
 
-    cg = _sub(sub, "confgen", "3D conformers from SMILES (ETKDG, refined by a checkpoint's coordinate head)",
-              "Embed each molecule with RDKit's ETKDGv3 (--num-confs conformers, seeded), optionally MMFF-optimised "
-              "and refined by a pre-trained model's coordinate head, and write every conformer to an SDF with "
-              "hydrogens placed. A molecule that cannot be parsed or embedded is reported on stderr with its "
-              "reason; exit 0 when at least one molecule was written.")
+    cg = _sub(sub, "confgen", "3D conformers from SMILES (ETKDG; refined by a checkpoint, or a fine-tuned "
+                              "conformer model)",
+              "Write K conformers per molecule to an SDF (one record per conformer, hydrogens placed with "
+              "coordinates unless --no-hydrogens; properties id, input, smiles, inchikey, method, conformer, seed, "
+              "base_seed, checkpoint). Without --checkpoint: RDKit ETKDGv3 (--mmff: MMFF94-optimised). With a "
+              "conformer task model (flexmol finetune-confgen): K seeded RDKit conformers of its input generator, "
+              "refined by it (method finetuned), or --method two_d_only: one conformer from the 2D graph alone. "
+              "With a pre-trained export: ETKDG refined by its coordinate head (method flexmol). A molecule that "
+              "cannot be parsed or embedded is reported on stderr and in the rejects file with its reason; exit 0 "
+              "when at least one molecule was written, 1 when none, 2 for unusable options or files.")
+    cg.add_argument("molecules", nargs="?", metavar="SMILES|FILE",
+                    help="a SMILES, or a file of molecules as --input takes (an existing file is read as a file)")
     cg.add_argument("--smiles", nargs="+", help="SMILES strings")
     cg.add_argument("--input", help="a file of molecules: .smi (SMILES [id] per line), .csv/.tsv with a SMILES "
                                     "column, or .sdf (optionally .gz)")
     cg.add_argument("--smiles-column", help="the SMILES column of a CSV/TSV --input (default: found by name)")
     cg.add_argument("--out", required=True, help="SDF to write (one record per conformer)")
+    cg.add_argument("--checkpoint", help="a conformer task model (flexmol finetune-confgen's output), or a "
+                                         "pre-trained export (or a pre-training output_dir holding export/); "
+                                         "without it, plain ETKDG")
+    cg.add_argument("--method", choices=("etkdg", "etkdg_mmff", "flexmol", "finetuned", "two_d_only"),
+                    help="generator (default: finetuned for a conformer task model, flexmol for a pre-trained "
+                         "export, else etkdg)")
+    cg.add_argument("--num-confs", type=int, help="conformers per molecule (default: 2; the 2D-only path gives 1)")
+    cg.add_argument("--no-hydrogens", action="store_true", help="write heavy atoms only (default: hydrogens added "
+                                                                "with coordinates, RDKit AddHs(addCoords=True))")
+    cg.add_argument("--rejects", help="JSON lines of the rejected molecules with their reasons (default: "
+                                      "OUT with .rejects.jsonl for its extension)")
     _confgen_arguments(cg)
     cg.set_defaults(func=cmd_confgen)
 
     ev = _sub(sub, "evaluate", "benchmarks of a checkpoint").add_subparsers(dest="evaluate_command", required=True)
-    ec = _sub(ev, "confgen", "COV / MAT against QM9 DFT geometries on held-out molecules, vs ETKDG",
-              "Conformation generation scored against QM9's DFT geometries: every --stride-th QM9 row from "
-              "--start on, skipping molecules found in --exclude-shards (the pre-training data), --count "
-              "molecules in all. COV at delta 0.5 A and MAT, mean and median, for ETKDG and (given --checkpoint) "
-              "for the model's refinement of the same ETKDG conformers. Writes OUT/confgen.json.")
+    ec = _sub(ev, "confgen", "COV / MAT on held-out molecules: ETKDG, ETKDG + MMFF, a pre-trained and a "
+                             "fine-tuned model",
+              "Conformation generation scored against reference geometries: QM9's DFT geometry (every --stride-th "
+              "row from --start on) or an SDF's reference conformers (--references; records of one molecule, by "
+              "InChIKey, are its references). Molecules found in --exclude-shards (the pre-training data) or "
+              "fine-tuned on by --task-model (its train_inchikeys.txt) are never scored: they are skipped and "
+              "counted. --count molecules in all; 2 x references conformers per molecule unless --num-confs. COV at "
+              "delta 0.5 A and MAT, mean and median, heavy atoms, for ETKDGv3 and ETKDGv3 + MMFF94, the pre-trained "
+              "coordinate head (--checkpoint) on the same ETKDG conformers, and the conformer task model "
+              "(--task-model) on its input generator's same seeded conformers and from the 2D graph alone. Writes "
+              "OUT/confgen.json with per-molecule rows.")
     ec.add_argument("--count", type=int, default=200, help="held-out molecules to score (at least 1)")
-    ec.add_argument("--start", type=int, default=100000, help="first QM9 row to draw test molecules from")
-    ec.add_argument("--stride", type=int, default=130, help="take every N-th row from --start on")
+    ec.add_argument("--references", metavar="SDF",
+                    help="an SDF of reference conformers instead of QM9 (default: QM9's DFT geometries)")
+    ec.add_argument("--start", type=int, help="first QM9 row to draw test molecules from (default: 100000)")
+    ec.add_argument("--stride", type=int, help="take every N-th QM9 row from --start on (default: 130)")
     ec.add_argument("--exclude-shards", nargs="*", default=[], metavar="DIR",
                     help="pre-training datasets: molecules found in them are skipped")
+    ec.add_argument("--checkpoint", help="pre-trained export (or a pre-training output_dir holding export/): adds "
+                                         "the 'flexmol' row, its coordinate head on the ETKDG conformers")
+    ec.add_argument("--task-model", help="conformer task model (flexmol finetune-confgen's output): adds the "
+                                         "'finetuned' and 'two_d_only' rows; its molecules are skipped")
+    ec.add_argument("--num-confs", type=int, help="conformers per molecule (default: twice its references)")
     ec.add_argument("--out", default="outputs/confgen", help="directory for confgen.json")
     _confgen_arguments(ec)
     ec.set_defaults(func=cmd_evaluate_confgen)
@@ -546,6 +683,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the same splits; writes OUT/results.json and prints the table.")
     finetune_arguments(ft)
     ft.set_defaults(func=cmd_finetune)
+
+    from flexmol.finetune.confgen_train import add_arguments as finetune_confgen_arguments
+
+    fc = _sub(sub, "finetune-confgen", "fine-tune a checkpoint to move RDKit conformers onto reference geometries",
+              "Fine-tune every weight of a pre-trained checkpoint so that its coordinate head moves seeded "
+              "ETKDG(+MMFF) conformers onto reference geometries (QM9 DFT rows, or an SDF of reference "
+              "conformers), and its 2D-only path builds them from the graph alone. Writes the task model "
+              "(task.json, train/validation InChIKeys), metrics.jsonl and rejects.jsonl to OUT. Configuration "
+              "errors print one line naming the key and exit 2.")
+    finetune_confgen_arguments(fc)
+    fc.set_defaults(func=cmd_finetune_confgen)
 
     from flexmol.demo import DemoConfig
 
@@ -579,7 +727,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # key=value overrides may stand anywhere after the verb; argparse leaves them unparsed.
     args, rest = parser.parse_known_args(argv)
     bad = [r for r in rest if "=" not in r or r.startswith("-")]
-    if bad or (rest and args.command not in ("featurize", "pretrain", "finetune")):
+    if bad or (rest and args.command not in ("featurize", "pretrain", "finetune", "finetune-confgen")):
         parser.error(f"unrecognized arguments: {' '.join(bad or rest)}")
     args.overrides = rest
     try:
