@@ -392,7 +392,7 @@ def cmd_confgen(args: argparse.Namespace) -> int:
     from rdkit import Chem
 
     checkpoint = str(args.checkpoint) if args.checkpoint else "none"
-    ok = failed = 0
+    ok = failed = records = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     rejects_file.parent.mkdir(parents=True, exist_ok=True)
     with Chem.SDWriter(str(out)) as writer, open(rejects_file, "w") as rejects:
@@ -415,8 +415,12 @@ def cmd_confgen(args: argparse.Namespace) -> int:
             for i, conf in enumerate(written.GetConformers()):
                 written.SetIntProp("conformer", i)
                 writer.write(written, confId=conf.GetId())
+            if written.GetNumConformers() < cfg.num_confs:  # ETKDG can embed fewer than asked
+                print(f"flexmol confgen: {raw.id!r}: {written.GetNumConformers()} of {cfg.num_confs} conformers "
+                      "embedded", file=sys.stderr)
+            records += written.GetNumConformers()
             ok += 1
-    print(f"{ok} molecules x {cfg.num_confs} conformers ({method}) -> {out}; {failed} rejected"
+    print(f"{ok} molecules x {cfg.num_confs} conformers ({method}; {records} written) -> {out}; {failed} rejected"
           + (f" (reasons in {rejects_file})" if failed else ""))
     return 0 if ok else 1
 
@@ -482,10 +486,11 @@ def cmd_evaluate_confgen(args: argparse.Namespace) -> int:
     print(f"held out: {res['held_out']}")
     print(f"note: {res['note']}")
     print(f"{'method':<11} {'confs':>5} {'COV mean':>9} {'COV median':>11} {'MAT mean':>9} {'MAT median':>11} "
-          f"{'seconds':>8}")
+          f"{'stereo':>7} {'seconds':>8}")
     for name, s in res["scores"].items():
         print(f"{name:<11} {s['conformers_mean']:>5.1f} {s['cov_mean']:>9.3f} {s['cov_median']:>11.3f} "
-              f"{s['mat_mean']:>9.3f} {s['mat_median']:>11.3f} {res['seconds'][name]:>8.1f}")
+              f"{s['mat_mean']:>9.3f} {s['mat_median']:>11.3f} {s['stereo_mean']:>7.3f} {res['seconds'][name]:>8.1f}")
+    print("stereo: share of generated conformers with the molecule's tetrahedral stereochemistry")
     print(f"details: {out / 'confgen.json'}")
     return 0
 
@@ -638,9 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
               "Conformation generation scored against reference geometries: QM9's DFT geometry (every --stride-th "
               "row from --start on) or an SDF's reference conformers (--references; records of one molecule, by "
               "InChIKey, are its references). Molecules found in --exclude-shards (the pre-training data) or "
-              "fine-tuned on by --task-model (its train_inchikeys.txt) are never scored: they are skipped and "
+              "fine-tuned on by --task-model (its train_inchikeys.txt and val_inchikeys.txt), and their "
+              "stereo-isomers (the same InChIKey connectivity block), are never scored: they are skipped and "
               "counted. --count molecules in all; 2 x references conformers per molecule unless --num-confs. COV at "
-              "delta 0.5 A and MAT, mean and median, heavy atoms, for ETKDGv3 and ETKDGv3 + MMFF94, the pre-trained "
+              "delta 0.5 A and MAT, mean and median, heavy atoms, and the share of conformers with the molecule's "
+              "stereochemistry, for ETKDGv3 and ETKDGv3 + MMFF94, the pre-trained "
               "coordinate head (--checkpoint) on the same ETKDG conformers, and the conformer task model "
               "(--task-model) on its input generator's same seeded conformers and from the 2D graph alone. Writes "
               "OUT/confgen.json with per-molecule rows.")

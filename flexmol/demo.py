@@ -140,7 +140,7 @@ def _confgen(out: Path, cfg: DemoConfig, checkpoint: Path) -> dict:
 
     _banner(f"conformation generation: {cfg.confgen_count} held-out QM9 molecules, ETKDG vs FlexMol refinement")
     res = evaluate_qm9(ConfgenConfig(), load_pretrained(checkpoint), count=cfg.confgen_count,
-                       exclude=[out / "shards" / "qm9_paired"])
+                       exclude=[out / "shards" / "qm9_paired", out / "shards" / "moses_2d"])  # all pre-training data
     (out / "confgen").mkdir(parents=True, exist_ok=True)
     (out / "confgen" / "confgen.json").write_text(json.dumps(res, indent=1) + "\n")
     for name, s in res["scores"].items():

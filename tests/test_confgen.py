@@ -10,8 +10,8 @@ from rdkit.Chem import AllChem
 
 from flexmol import config, save_pretrained
 from flexmol.cli import main as cli
-from flexmol.evaluate.confgen import (ConfgenConfig, Generator, cov_mat, evaluate_qm9, evaluate_sdf, load_task_model,
-                                      refine, rmsd_matrix, sdf_references)
+from flexmol.evaluate.confgen import (ConfgenConfig, Generator, cov_mat, evaluate, evaluate_qm9, evaluate_sdf,
+                                      load_task_model, refine, rmsd_matrix, score_molecule, sdf_references)
 from flexmol.featurize import run_featurize
 from flexmol.model import FlexMol
 from flexmol.model.summary import model_config
@@ -61,6 +61,32 @@ def test_cov_and_mat_of_a_hand_made_rmsd_matrix():
     cov, mat = cov_mat(rmsd, 0.5)
     assert cov == 0.5 and mat == pytest.approx((0.3 + 0.55) / 2)
     assert cov_mat(rmsd, 0.6) == (1.0, pytest.approx(0.425))
+
+
+def test_a_mirror_image_conformer_fails_the_stereo_check():
+    mol, x = _embedded("C[C@H](O)C#N")
+    mirror = x * np.array([-1.0, 1.0, 1.0])
+    assert score_molecule(mol, x[None], np.stack([x, mirror]), 0.5)["stereo"] == 0.5
+    flat, y = _embedded("CC(C)O")  # no stereocentre: nothing to get wrong
+    assert score_molecule(flat, y[None], (y * np.array([-1.0, 1.0, 1.0]))[None], 0.5)["stereo"] == 1.0
+
+
+def test_a_stereo_isomer_of_a_fine_tuned_molecule_is_never_scored(tmp_path):
+    """Held out means the skeleton too: the enantiomer of a trained molecule (another InChIKey, the
+    same connectivity block) is skipped and counted, not scored."""
+    path = tmp_path / "refs.sdf"
+    mol = Chem.AddHs(Chem.MolFromSmiles("C[C@H](O)C#N"))
+    AllChem.EmbedMolecule(mol, randomSeed=1)
+    with Chem.SDWriter(str(path)) as w:
+        w.write(mol)
+    refs = sdf_references(path, [])
+    other = Chem.MolToInchiKey(Chem.MolFromSmiles("C[C@@H](O)C#N"))
+    assert other != refs[0].record["inchikey"] and other[:14] == refs[0].record["inchikey"][:14]
+    res = evaluate(refs, ConfgenConfig(), exclude_finetuning=frozenset({other}), log=None)
+    assert not res["molecules"] and res["skipped"]["seen_in_finetuning"] == 1
+    res = evaluate(refs, ConfgenConfig(), exclude_pretraining=frozenset({other}), log=None)
+    assert not res["molecules"] and res["skipped"]["seen_in_pretraining"] == 1
+    assert len(evaluate(refs, ConfgenConfig(), log=None)["molecules"]) == 1
 
 
 def test_refinement_is_equivariant():
@@ -211,6 +237,15 @@ def test_the_finetuned_row_refines_the_baseline_rows_conformers_and_never_sees_t
     assert len(seen) == 2 and all("pos" not in keys and not conformers for keys, conformers in seen)
 
 
+def test_confgen_command_says_when_etkdg_embeds_fewer_conformers_than_asked(tmp_path, capsys):
+    """This caged molecule gets 1 of 2 ETKDG conformers with seed 0: said on stderr and counted."""
+    out = tmp_path / "few.sdf"
+    assert cli(["confgen", "--smiles", "OC[C@@]12CCN3C[C@@H]1[C@H]32", "CCO", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert len(list(Chem.SDMolSupplier(str(out)))) == 3 and "3 written" in captured.out
+    assert "'smiles1': 1 of 2 conformers embedded" in captured.err and "smiles2" not in captured.err
+
+
 def test_confgen_command_with_a_task_model_writes_k_conformers_with_their_properties(exports, tmp_path, capsys):
     task = exports[1]
     out = tmp_path / "confs.sdf"
@@ -227,6 +262,7 @@ def test_confgen_command_with_a_task_model_writes_k_conformers_with_their_proper
     assert not np.allclose(first[0], first[1])  # K different conformers, not one written K times
     captured = capsys.readouterr()
     assert "'C1CC('" in captured.err and "invalid_smiles" in captured.err and "1 rejected" in captured.out
+    assert "6 written" in captured.out
     rejects = [json.loads(line) for line in (tmp_path / "confs.rejects.jsonl").read_text().splitlines()]
     assert [(r["id"], r["code"]) for r in rejects] == [("smiles2", "invalid_smiles")]
 
@@ -264,6 +300,7 @@ def test_evaluate_confgen_with_a_task_model_writes_every_row(exports, qm9_rows, 
     assert all(name in printed for name in METHODS) and "not GEOM-QM9" in printed
     assert cli(["evaluate", "confgen", "--checkpoint", str(task), "--out", str(tmp_path / "ev2")]) == 2
     assert "--task-model" in capsys.readouterr().err
+    assert all(0 <= s["stereo_mean"] <= 1 for s in res["scores"].values()) and "stereo" in printed
     assert cli(["evaluate", "confgen", "--references", str(tmp_path / "none.sdf"), "--start", "3",
                 "--out", str(tmp_path / "ev2")]) == 2
     assert "--start" in capsys.readouterr().err and not (tmp_path / "ev2").exists()

@@ -9,7 +9,7 @@ from rdkit import Chem
 
 from flexmol.chem.featurizer import Featurizer
 from flexmol.config import ConfigError, FeaturizerConfig
-from flexmol.finetune.confgen import (ConformerModel, aligned_rmsd, confgen_loss, load_conformer_model,
+from flexmol.finetune.confgen import (ConformerModel, aligned_rmsd, batch_of, confgen_loss, load_conformer_model,
                                       match_chirality, mds, predict, save_conformer_model, trained_inchikeys)
 from flexmol.model.network import FlexMol, ModelConfig
 
@@ -90,6 +90,43 @@ def test_sdf_references_of_one_molecule_are_grouped_in_one_atom_order(molecules,
     assert aligned_rmsd(got["pos"][1], ref) < 0.1  # the reordered record's atoms mapped back
 
 
+def test_input_conformer_cache_is_keyed_on_the_generator_and_the_atom_order(molecules, tmp_path):
+    """A shared cache gives a molecule read in another atom order its own conformers (rows that are
+    its atoms: bonded atoms at bond lengths), and a cache made with another generator is rebuilt."""
+    from flexmol.finetune.confgen_data import CACHE, input_conformers
+
+    record, mol = molecules[4]
+    gen = {"generator": "etkdg", "mmff": False, "num_confs": 1, "seed": 0, "embed_timeout_s": 10.0, "rdkit": "x"}
+    first, _ = input_conformers([(record, mol)], gen, tmp_path, workers=1, log=None)
+    assert (tmp_path / CACHE).is_file() and first[record["inchikey"]].shape == (1, mol.GetNumAtoms(), 3)
+    order = list(range(mol.GetNumAtoms()))[::-1]
+    reordered = Chem.RenumberAtoms(mol, order)
+    lines = []
+    got, _ = input_conformers([(record, reordered)], gen, tmp_path, workers=1, log=lines.append)
+    xyz = got[record["inchikey"]][0]
+    bonds = [np.linalg.norm(xyz[b.GetBeginAtomIdx()] - xyz[b.GetEndAtomIdx()]) for b in reordered.GetBonds()]
+    assert max(bonds) < 1.8 and not any("from" in ln for ln in lines), (bonds, lines)
+    again, _ = input_conformers([(record, mol)], gen, tmp_path, workers=1, log=lines.append)
+    np.testing.assert_array_equal(again[record["inchikey"]], first[record["inchikey"]])
+    assert any("input conformers from" in ln for ln in lines), lines
+    lines = []
+    input_conformers([(record, mol)], {**gen, "num_confs": 2}, tmp_path, workers=1, log=lines.append)
+    assert any("rebuilding" in ln for ln in lines), lines
+
+
+def test_an_exclusion_file_that_is_not_inchikeys_is_refused(tmp_path):
+    """A SMILES list given as data.exclude would exclude nothing: it is refused, the line named."""
+    from flexmol.finetune.confgen_data import excluded_inchikeys
+
+    good = tmp_path / "keys.txt"
+    good.write_text("# held out\n\nBSYNRYMUTXBXSQ-UHFFFAOYSA-N  aspirin\n")
+    assert excluded_inchikeys([good]) == {"BSYNRYMUTXBXSQ-UHFFFAOYSA-N"}
+    bad = tmp_path / "smiles.txt"
+    bad.write_text("BSYNRYMUTXBXSQ-UHFFFAOYSA-N\nCC(=O)Oc1ccccc1C(=O)O\n")
+    with pytest.raises(ConfigError, match=r"smiles.txt:2: .* is not an InChIKey"):
+        excluded_inchikeys([bad])
+
+
 def test_targets_match_the_inputs_symmetric_atoms(qm9_rows):
     """An input whose symmetric atoms (a tert-butyl's methyls) carry each other's labels is the
     reference itself: its target is the reference relabelled, at RMSD 0 (GetBestRMS agrees)."""
@@ -114,10 +151,15 @@ def test_loss_is_invariant_to_rotating_and_translating_the_reference(molecules):
     mask = torch.ones(ref.shape[:2], dtype=torch.bool)
     pred = ref + 0.3 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     moved = ref @ _rotation(2).T + torch.tensor([3.0, -1.0, 7.0], dtype=torch.float64)
-    base, rotated = confgen_loss(pred, ref, mask), confgen_loss(pred, moved, mask)
-    for key in ("loss", "distance", "coord", "rmsd"):
-        assert float(rotated[key]) == pytest.approx(float(base[key]), abs=1e-9), key
-    assert float(base["coord"]) > 0.05
+    rot, shift = _rotation(5), torch.tensor([-2.0, 0.5, 1.0], dtype=torch.float64)
+    for kind in ("l1", "mse"):
+        base, rotated = confgen_loss(pred, ref, mask, kind), confgen_loss(pred, moved, mask, kind)
+        # both rotated (the model's output turns with its input conformer): the same loss in any frame
+        both = confgen_loss(pred @ rot.T + shift, ref @ rot.T, mask, kind)
+        for key in ("loss", "distance", "coord", "rmsd"):
+            assert float(rotated[key]) == pytest.approx(float(base[key]), abs=1e-9), (kind, key)
+            assert float(both[key]) == pytest.approx(float(base[key]), abs=1e-9), (kind, key)
+        assert float(base["coord"]) > 0.05
     # the same coordinate term without the superposition is not invariant
     naive = lambda r: float(((pred - r).abs().sum(-1) / 3).mean())  # noqa: E731
     assert abs(naive(moved) - naive(ref)) > 1.0
@@ -130,6 +172,11 @@ def test_loss_is_zero_for_a_perfect_prediction_in_any_frame(molecules):
     for kind in ("l1", "mse"):
         out = confgen_loss(ref @ _rotation(3).T - 2.0, ref, mask, kind)
         assert float(out["loss"]) < 1e-6 and float(out["rmsd"]) < 1e-6
+    # a mirror image has the same distances but is not superposable: the coordinate term sees it
+    record, _ = next((r, m) for r, m in molecules if Chem.FindMolChiralCenters(m, useLegacyImplementation=False))
+    ref = torch.as_tensor(record["pos"][:1], dtype=torch.float64)
+    out = confgen_loss(ref * ref.new_tensor([-1.0, 1.0, 1.0]), ref, torch.ones(ref.shape[:2], dtype=torch.bool))
+    assert float(out["distance"]) < 1e-6 and float(out["coord"]) > 1e-2 and float(out["rmsd"]) > 0.1
 
 
 def test_loss_ignores_padding_atoms(molecules):
@@ -190,6 +237,9 @@ def test_two_d_path_is_deterministic_and_needs_no_conformer(molecules):
     a, b = predict(model, graph_only, None, mol), predict(model, graph_only, None)
     assert a.shape == (1, len(record["z"]), 3) and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
+    # a record that carries its reference geometry gives the same: no coordinate of it reaches the path
+    np.testing.assert_array_equal(predict(model, record, None, mol), a)
+    assert "pos" not in batch_of(model, [record])
 
 
 # ------------------------------------------------------------------------------------- fine-tuning
@@ -292,3 +342,36 @@ def test_cli_fine_tunes_and_refuses_bad_keys(export, tmp_path, capsys, qm9_rows)
         assert len(err) == 1 and f"config key '{key}'" in err[0], err
     assert main(["finetune-confgen", "--out", str(tmp_path / "x")]) == 2
     assert "config key 'checkpoint'" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_keeps_its_best_validated_weights_and_a_new_run_drops_the_old_model(export, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """Ctrl-C during training: the best validated weights are saved with ``interrupted_at_step``
+    and the command exits 130; a later run into the same directory removes the earlier task.json
+    before it writes anything (a damaged new run cannot pass for the old model)."""
+    from flexmol.cli import main
+    from flexmol.finetune import confgen_train
+
+    out = tmp_path / "run"
+    common = ["finetune-confgen", "--checkpoint", str(export), "--out", str(out), "data.start=340",
+              "data.stop=352", "data.stride=1", "data.workers=1", "input.num_confs=1", "train.steps=2",
+              "train.threads=1", "data.val_fraction=0.3"]
+
+    def stopped(model, opt, train, examples, cfg, rng, write, evaluate, log):
+        write({"step": 1, "loss": 1.0})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(confgen_train, "train_loop", stopped)
+    assert main(common) == 130
+    _, meta = load_conformer_model(out)
+    assert meta["interrupted_at_step"] == 1 and meta["train"]["best_step"] == 0
+    assert "interrupted after step 1" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):
+        raise ValueError("a failure in training")
+
+    monkeypatch.setattr(confgen_train, "train_loop", broken)
+    assert main(common) == 2
+    assert not (out / "task.json").exists()
+    with pytest.raises(ConfigError, match="no task.json"):
+        load_conformer_model(out)

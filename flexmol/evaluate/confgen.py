@@ -16,7 +16,10 @@ symmetry-equivalent atom orderings (RDKit's GetBestRMS):
 
 Both are averaged over molecules (means and medians reported). References are QM9's DFT
 geometries (one per molecule) or an SDF of reference conformers (records of one molecule, by
-InChIKey, are its references). Molecules seen in pre-training or fine-tuning are never scored.
+InChIKey, are its references). Molecules seen in pre-training or fine-tuning are never scored,
+nor are their stereo-isomers (the same InChIKey connectivity block, :func:`connectivity`).
+Each row also reports ``stereo``: the share of generated conformers whose geometry gives every
+tetrahedral stereocentre the molecule's chiral tag (RMSD alone barely sees a wrong diastereomer).
 """
 from __future__ import annotations
 
@@ -48,9 +51,16 @@ QM9_NOTE = ("QM9 holds one DFT (B3LYP/6-31G(2df,p)) geometry per molecule, not G
             "is comparable in level with GEOM-QM9 figures such as COV 97.25% / MAT 0.189 A, only between rows "
             "on the same molecules")
 
-HELD_OUT_NOTE = ("no scored molecule's InChIKey is in the pre-training datasets (--exclude-shards) or in the "
-                 "task model's train_inchikeys.txt (its training and validation molecules): such molecules are "
-                 "skipped and counted under 'skipped'")
+HELD_OUT_NOTE = ("no scored molecule shares its InChIKey connectivity block (the first 14 characters: stereo-isomers "
+                 "count as the same molecule) with a molecule of the pre-training datasets (--exclude-shards) or of "
+                 "the task model's train_inchikeys.txt / val_inchikeys.txt (its training and validation molecules): "
+                 "such molecules are skipped and counted under 'skipped'")
+
+
+def connectivity(inchikey: str) -> str:
+    """The InChIKey's first block (the skeleton: formula and connections, tautomers included);
+    stereo-isomers and isotopologues of a molecule share it."""
+    return inchikey.split("-")[0]
 
 
 @dataclass
@@ -136,10 +146,25 @@ def graph_only(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("pos", "energy", "conf_method")}
 
 
+def stereo_agrees(mol: Chem.Mol, coords: np.ndarray) -> bool:
+    """Whether ``coords`` [n, 3] give every tetrahedral stereocentre of the heavy-atom ``mol`` its
+    chiral tag when stereochemistry is assigned from 3D (True for a molecule without such tags)."""
+    chiral = (Chem.ChiralType.CHI_TETRAHEDRAL_CW, Chem.ChiralType.CHI_TETRAHEDRAL_CCW)
+    tags = {a.GetIdx(): a.GetChiralTag() for a in mol.GetAtoms() if a.GetChiralTag() in chiral}
+    if not tags:
+        return True
+    copy = with_coords(mol, np.asarray(coords)[None])
+    Chem.AssignStereochemistryFrom3D(copy)
+    return all(copy.GetAtomWithIdx(i).GetChiralTag() == t for i, t in tags.items())
+
+
 def score_molecule(mol: Chem.Mol, refs: np.ndarray, gens: np.ndarray, delta: float) -> dict:
+    """COV, MAT, the best RMSD, the number of generated conformers and ``stereo``, the share of
+    them with the molecule's tetrahedral stereochemistry (:func:`stereo_agrees`)."""
     m = rmsd_matrix(mol, refs, gens)
     cov, mat = cov_mat(m, delta)
-    return {"cov": cov, "mat": mat, "best_rmsd": float(m.min()), "conformers": len(gens)}
+    stereo = float(np.mean([stereo_agrees(mol, g) for g in gens]))
+    return {"cov": cov, "mat": mat, "best_rmsd": float(m.min()), "conformers": len(gens), "stereo": stereo}
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -150,7 +175,8 @@ def aggregate(rows: list[dict]) -> dict:
             "cov_median": float(np.median(cov)) if n else math.nan,
             "mat_mean": float(mat.mean()) if n else math.nan,
             "mat_median": float(np.median(mat)) if n else math.nan,
-            "conformers_mean": float(np.mean([r["conformers"] for r in rows])) if n else math.nan}
+            "conformers_mean": float(np.mean([r["conformers"] for r in rows])) if n else math.nan,
+            "stereo_mean": float(np.mean([r["stereo"] for r in rows])) if n else math.nan}
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -352,9 +378,10 @@ def evaluate(references, cfg: ConfgenConfig, model=None, task=None, *, count: in
              exclude_pretraining: frozenset = frozenset(), exclude_finetuning: frozenset = frozenset(),
              log=print) -> dict:
     """COV/MAT of every generator on the first ``count`` held-out molecules of ``references``
-    (:class:`Reference` items): a molecule whose InChIKey is in ``exclude_pretraining`` (the
-    pre-training data) or ``exclude_finetuning`` (a task model's trained molecules), or that repeats
-    an earlier one, is skipped and counted; one ETKDG cannot embed is rejected with its reason. Every
+    (:class:`Reference` items): a molecule whose InChIKey's connectivity block (:func:`connectivity`)
+    is that of one in ``exclude_pretraining`` (the pre-training data) or ``exclude_finetuning`` (a
+    task model's trained molecules) -- the same molecule or a stereo-isomer --, or that repeats an
+    earlier one, is skipped and counted; one ETKDG cannot embed is rejected with its reason. Every
     method is scored on the same molecules. ``seconds``: each method's generation time in all (a
     refining row's without its input conformers, which its baseline row counts), and the scoring's."""
     from flexmol.chem.errors import Rejected
@@ -364,12 +391,14 @@ def evaluate(references, cfg: ConfgenConfig, model=None, task=None, *, count: in
     skipped = {"seen_in_pretraining": 0, "seen_in_finetuning": 0, "duplicate": 0}
     skipped_ids: dict[str, list] = {k: [] for k in skipped}
     scoring = 0.0
+    seen_pre = {connectivity(k) for k in exclude_pretraining}
+    seen_ft = {connectivity(k) for k in exclude_finetuning}
     for ref in references:
         if len(rows) == count:
             break
         key = ref.record["inchikey"]
-        reason = ("seen_in_pretraining" if key in exclude_pretraining else
-                  "seen_in_finetuning" if key in exclude_finetuning else "duplicate" if key in picked else None)
+        reason = ("seen_in_pretraining" if connectivity(key) in seen_pre else
+                  "seen_in_finetuning" if connectivity(key) in seen_ft else "duplicate" if key in picked else None)
         if reason:
             skipped[reason] += 1
             skipped_ids[reason].append(ref.id)

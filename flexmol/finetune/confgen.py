@@ -162,8 +162,8 @@ def confgen_loss(pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, kind
     - ``distance``: over the real atom pairs (i < j), |d_pred - d_ref| (``kind`` l1) or its square
       (mse), Å or Å²;
     - ``coord``: over the real atoms, after the reference is superposed onto the prediction
-      (:func:`kabsch`, not differentiated), the mean absolute coordinate difference (l1) or the
-      mean squared deviation (mse);
+      (:func:`kabsch`, not differentiated), the mean per-atom deviation |x_pred - x_ref| (l1, Å)
+      or the mean squared deviation (mse, Å²);
     - ``loss`` = ``distance_weight`` * distance + ``coord_weight`` * coord;
     - ``rmsd`` (no gradient): the mean heavy-atom RMSD after that superposition, Å.
 
@@ -184,7 +184,8 @@ def confgen_loss(pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, kind
     distance = (err(d_pred - d_ref) * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
     aligned = kabsch(ref.to(pred.dtype), pred.detach(), mask)
     diff = (pred - aligned) * m.unsqueeze(-1)
-    coord = (err(diff).sum(-1) / (3 if kind == "l1" else 1)).sum(1) / atoms
+    dev2 = (diff * diff).sum(-1)  # per atom: a norm, not components (|R d|_1 != |d|_1 would depend on the frame)
+    coord = (((dev2 + 1e-12).sqrt() - 1e-6 if kind == "l1" else dev2) * m).sum(1) / atoms  # 0 at 0, finite gradient
     with torch.no_grad():
         rmsd = ((diff * diff).sum((1, 2)) / atoms).sqrt()
     distance, coord = distance.mean(), coord.mean()

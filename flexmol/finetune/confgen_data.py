@@ -8,14 +8,17 @@ before anything else is done with them. Input conformers (``input.num_confs`` ET
 MMFF94-optimised with ``input.mmff``, seeded per molecule exactly as :func:`flexmol.evaluate.confgen.etkdg`
 seeds them) are made once, in worker processes, and cached in the output directory or
 ``data.cache_dir`` (``inputs.npz``, read with ``allow_pickle=False``, and ``inputs.json``, the generator's
-definition): a rerun with the same definition reuses them and embeds only molecules it lacks, one
-with another definition rebuilds them and says so. Every rejected row is kept with its reason.
+definition; each molecule keyed by its InChIKey and its atom order): a rerun with the same definition
+reuses them and embeds only molecules it lacks, one with another definition rebuilds them and says so.
+Every rejected row is kept with its reason.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing as mp
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ CACHE = "inputs.npz"
 CACHE_META = "inputs.json"
 MAX_SYMMETRIES = 1000  # graph symmetries tried when a reference is matched to an input conformer
 PROGRESS_S = 10.0  # seconds between progress lines while the data are made
+INCHIKEY = re.compile(r"[A-Z]{14}-[A-Z]{10}-[A-Z]")
 
 
 @dataclass
@@ -102,8 +106,9 @@ def _embed_chunk(items: list, generator: dict) -> list[tuple]:
                         embed_timeout_s=generator["embed_timeout_s"])
     out = []
     for key, binary in items:
+        inchikey = key.split("/")[0]  # the seed is the InChIKey's, as flexmol evaluate confgen's
         try:
-            out.append((key, etkdg(Chem.Mol(binary), cfg, key), None))
+            out.append((key, etkdg(Chem.Mol(binary), cfg, inchikey), None))
         except Rejected as exc:
             out.append((key, None, f"{exc.code}: {exc.reason}"))
         except Exception as exc:  # noqa: BLE001
@@ -167,7 +172,8 @@ def _pool_map(fn, chunks, workers: int, *args):
 def excluded_inchikeys(entries) -> set[str]:
     """InChIKeys never to train on: from each entry of ``data.exclude``, a featurised dataset
     directory (every molecule of its shards) or a text file of InChIKeys (one per line; blank lines
-    and ``#`` comments skipped). A missing or unreadable entry is a :class:`ConfigError` naming it."""
+    and ``#`` comments skipped; the first word of a line, which must be an InChIKey). A missing or
+    unreadable entry, or a line that is not an InChIKey, is a :class:`ConfigError` naming it."""
     from flexmol.evaluate.confgen import seen_inchikeys
 
     keys: set[str] = set()
@@ -183,7 +189,14 @@ def excluded_inchikeys(entries) -> set[str]:
                 lines = path.read_text().splitlines()
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"config key 'data.exclude': {path}: not a readable text file ({exc})") from None
-            keys |= {ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
+            for number, line in enumerate(lines, 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                key = line.split()[0]
+                if not INCHIKEY.fullmatch(key):  # a SMILES or CSV file would exclude nothing, silently
+                    raise ConfigError(f"config key 'data.exclude': {path}:{number}: {key[:40]!r} is not an InChIKey "
+                                      "(one per line: XXXXXXXXXXXXXX-YYYYYYYYYY-Z)")
+                keys.add(key)
         else:
             raise ConfigError(f"config key 'data.exclude': {path}: no such dataset directory or InChIKey file")
     return keys
@@ -276,12 +289,15 @@ def _load_cache(out: Path, generator: dict, log=print) -> tuple[dict[str, np.nda
 def _save_cache(out: Path, generator: dict, inputs: dict[str, np.ndarray], failed: dict[str, str]) -> None:
     keys = sorted(inputs)
     coords = np.concatenate([inputs[k].reshape(-1, 3) for k in keys]) if keys else np.zeros((0, 3), np.float32)
-    tmp = out / f".{CACHE}.tmp.npz"
+    import os
+
+    tmp = out / f".{CACHE}.{os.getpid()}.tmp.npz"  # runs sharing a cache_dir never write one file
     np.savez(tmp, keys=np.array(keys, dtype=str), counts=np.array([len(inputs[k]) for k in keys], dtype=np.int64),
              atoms=np.array([inputs[k].shape[1] for k in keys], dtype=np.int64), coords=coords.astype(np.float32))
+    meta = out / f".{CACHE_META}.{os.getpid()}.tmp"
+    meta.write_text(json.dumps({"generator": generator, "molecules": len(keys), "failed": failed}, indent=1) + "\n")
     tmp.replace(out / CACHE)
-    (out / CACHE_META).write_text(json.dumps({"generator": generator, "molecules": len(keys), "failed": failed},
-                                             indent=1) + "\n")
+    meta.replace(out / CACHE_META)
 
 
 def input_conformers(molecules, generator: dict, out: Path, workers: int, log=print):
@@ -294,13 +310,16 @@ def input_conformers(molecules, generator: dict, out: Path, workers: int, log=pr
 
     log = log or _quiet
     cached, failed = _load_cache(out, generator, log)
-    todo = [(r["inchikey"], mol) for r, mol in molecules if r["inchikey"] not in failed and
-            (r["inchikey"] not in cached or cached[r["inchikey"]].shape[1] != mol.GetNumAtoms())]
+    # cached by InChIKey and atom order: the same molecule read from another source (another atom
+    # order) must not get conformers whose rows are other atoms
+    ckey = {r["inchikey"]: cache_key(r["inchikey"], mol) for r, mol in molecules}
+    todo = [(ckey[r["inchikey"]], mol) for r, mol in molecules
+            if ckey[r["inchikey"]] not in failed and ckey[r["inchikey"]] not in cached]
     if len(todo) < len(molecules):
         log(f"[finetune-confgen] {len(molecules) - len(todo)} molecules' input conformers from {out / CACHE}")
     done, fresh, fresh_failed = 0, {}, {}
     progress = _Every(PROGRESS_S)
-    by_key = {r["inchikey"]: r for r, _ in molecules}
+    by_key = {ckey[r["inchikey"]]: r for r, _ in molecules}
     items = ((key, Chem.Mol(mol).ToBinary()) for key, mol in todo)
     for chunk in _pool_map(_embed_chunk, _chunks(items, CHUNK), workers, generator):
         for key, coords, why in chunk:
@@ -323,7 +342,15 @@ def input_conformers(molecules, generator: dict, out: Path, workers: int, log=pr
             code, _, reason = failed[key].partition(": ")
             rejects.append({"index": rec["index"], "id": rec["id"], "input": rec["smiles"], "code": code,
                             "reason": reason})
-    return inputs, rejects
+    return {by_key[k]["inchikey"]: v for k, v in inputs.items()}, rejects
+
+
+def cache_key(inchikey: str, mol) -> str:
+    """The input-conformer cache's key of ``mol`` (heavy atoms, in its record's order): its
+    InChIKey and a digest of its elements and bonds in that order."""
+    bonds = sorted(tuple(sorted((b.GetBeginAtomIdx(), b.GetEndAtomIdx()))) for b in mol.GetBonds())
+    graph = ",".join(str(a.GetAtomicNum()) for a in mol.GetAtoms()) + ";" + ",".join(f"{i}-{j}" for i, j in bonds)
+    return f"{inchikey}/{hashlib.sha256(graph.encode()).hexdigest()[:16]}"
 
 
 def symmetries(mol, limit: int = MAX_SYMMETRIES) -> np.ndarray:

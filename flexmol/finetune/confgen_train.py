@@ -229,7 +229,7 @@ def step_loss(model, molecules, batch_items, cfg: ConfgenTaskConfig) -> dict:
         err = dist - ((delta * delta).sum(-1) + 1e-12).sqrt()
         err = err.abs() if lc.kind == "l1" else err * err
         head = ((err * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)).mean()
-        out["two_d_loss"] = two["loss"] + head
+        out["two_d_loss"] = two["loss"] + lc.distance * head  # the distance head's own term
         out["two_d_rmsd"] = two["rmsd"]
         out["loss"] = out["loss"] + lc.two_d * out["two_d_loss"]
     return out
@@ -336,6 +336,10 @@ def run_finetune_confgen(cfg: ConfgenTaskConfig, log=print) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier run's model in this directory is not this run's: it goes before anything is written
+    from flexmol.finetune.confgen import TASK_FILE
+
+    (out / TASK_FILE).unlink(missing_ok=True)
     torch.set_num_threads(cfg.train.threads)
     data = load_data(cfg, out, log)
     with open(out / "rejects.jsonl", "w") as f:
@@ -374,13 +378,20 @@ def run_finetune_confgen(cfg: ConfgenTaskConfig, log=print) -> dict:
             f"{cfg.input.num_confs} {v['refined_best']:.4f}), inputs {v['inputs']:.4f} A ({v['inputs_best']:.4f}), "
             f"2D-only {v['two_d']:.4f} A{mark}")
 
+    last = {"step": 0}
+    loop_started = time.perf_counter()
+    interrupted = None
     with open(out / "metrics.jsonl", "w") as metrics:
         def write(entry: dict) -> None:
+            last["step"] = max(last["step"], entry.get("step", 0))
             metrics.write(json.dumps(entry) + "\n")
             metrics.flush()
 
         evaluate(0)
-        train_s = train_loop(model, opt, train, examples, cfg, rng, write, evaluate, log)
+        try:
+            train_s = train_loop(model, opt, train, examples, cfg, rng, write, evaluate, log)
+        except KeyboardInterrupt as exc:  # keep what was learnt: the best validated weights so far
+            interrupted, train_s = exc, time.perf_counter() - loop_started
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -402,6 +413,14 @@ def run_finetune_confgen(cfg: ConfgenTaskConfig, log=print) -> dict:
         "validation": {k: best.get(k) for k in ("refined", "refined_best", "inputs", "inputs_best", "two_d")}
         if val else None,
     }
+    if interrupted is not None:
+        if best_state is None:  # nothing validated: the pre-trained weights are not a fine-tuned model
+            raise interrupted
+        meta["interrupted_at_step"] = last["step"]
+        save_conformer_model(model, out, meta, train_keys, val_keys)
+        log(f"[finetune-confgen] interrupted after step {last['step']} (the last logged): saved the best validated weights "
+            f"(step {best['step']}) to {out}, task.json says interrupted_at_step")
+        raise interrupted
     save_conformer_model(model, out, meta, train_keys, val_keys)
     log(f"[finetune-confgen] saved {out} (best step {meta['train']['best_step']}; data {prep_s:.0f} s, "
         f"training {train_s:.0f} s)")
