@@ -30,6 +30,7 @@ import numpy as np
 
 from flexmol.config import ConfigError, FeaturizerConfig
 from flexmol.data import schema
+from flexmol.finetune.data import _chunks  # the property fine-tuning's chunker
 
 CHUNK = 64
 CACHE = "inputs.npz"
@@ -137,17 +138,6 @@ class _Every:
             return False
         self.last = now
         return True
-
-
-def _chunks(it, size):
-    chunk = []
-    for x in it:
-        chunk.append(x)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _pool_map(fn, chunks, workers: int, *args):
