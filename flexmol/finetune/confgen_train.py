@@ -96,7 +96,7 @@ def load(*sources, overrides: Optional[List[str]] = None) -> ConfgenTaskConfig:
 
 
 def validate(cfg: ConfgenTaskConfig) -> None:
-    from flexmol.finetune.config import check_export, check_out
+    from flexmol.finetune.config import check_export, check_out, device_problem
     from flexmol.finetune.confgen import LOSS_KINDS
 
     def fail(key, why):
@@ -158,15 +158,9 @@ def validate(cfg: ConfgenTaskConfig) -> None:
     for key in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
         if not getattr(t, key) >= 0:
             fail(f"train.{key}", f"must be 0 or more, got {getattr(t, key)}")
-    if cfg.device != "cpu":
-        import re
-
-        match = re.fullmatch(r"cuda(?::(\d+))?", cfg.device)
-        if not match:
-            fail("device", f"'{cfg.device}' is not cpu, cuda or cuda:N")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(match[1] or 0) >= count:
-            fail("device", f"'{cfg.device}': {'no CUDA device here' if not count else f'{count} CUDA device(s) here'}")
+    why = device_problem(cfg.device)
+    if why:
+        fail("device", why)
     if not cfg.out:
         fail("out", "is required (the output directory)")
     check_out(cfg.out)

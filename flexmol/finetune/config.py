@@ -186,6 +186,21 @@ def selected_baselines(cfg: FinetuneConfig) -> list[str]:
     return [b for b in BASELINES if b in names]
 
 
+def device_problem(device: str, names=("cpu",)) -> str | None:
+    """Why ``device`` (one of ``names``, ``cuda`` or ``cuda:N``) cannot be used here, or None."""
+    if device in names:
+        return None
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not match:
+        return f"'{device}' is not {', '.join(names)}, cuda or cuda:N"
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(match[1] or 0) >= count:
+        return f"'{device}': {'no CUDA device here' if not count else f'{count} CUDA device(s) here'}"
+    return None
+
+
 def validate(cfg: FinetuneConfig) -> None:
     def fail(key, why):
         raise ConfigError(f"config key '{key}': {why}")
@@ -265,15 +280,9 @@ def validate(cfg: FinetuneConfig) -> None:
             fail(f"probe.{key}", f"{list(grid)}: give one or more positive values")
     if cfg.probe.max_iter < 1:
         fail("probe.max_iter", "must be positive")
-    if cfg.device not in ("auto", "cpu"):
-        match = re.fullmatch(r"cuda(?::(\d+))?", cfg.device)
-        if not match:
-            fail("device", f"'{cfg.device}' is not auto, cpu, cuda or cuda:N")
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if int(match[1] or 0) >= count:
-            fail("device", f"'{cfg.device}': {'no CUDA device here' if not count else f'{count} CUDA device(s) here'}")
+    why = device_problem(cfg.device, ("auto", "cpu"))
+    if why:
+        fail("device", why)
     config.validate_featurizer(cfg.featurizer)
     if not cfg.out:
         fail("out", "is required (the output directory)")
